@@ -1,0 +1,202 @@
+"""The tensor wire format shared by client and server.
+
+A call direction is a stream of `Frame`s: one `Header` (operation, parameters, tensor
+descriptors), then the raw little-endian bytes of each described tensor in header order,
+concatenated and cut into `chunk` frames of at most `chunk_bytes`. Tensors whose descriptor
+names a shared-memory slice travel no chunk bytes. No base64, no per-element encoding: a
+tensor's storage is sent as it lies in memory.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from flashserve.proto import attention_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+MAX_CHUNK_BYTES = 64 << 20
+
+if sys.byteorder != "little":  # the wire is little-endian; so is every machine we target
+    raise ImportError("flashserve's wire format needs a little-endian host")
+
+TORCH_TO_PROTO = {
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.float32: pb.FLOAT32,
+    torch.float64: pb.FLOAT64,
+    torch.int32: pb.INT32,
+    torch.int64: pb.INT64,
+    torch.uint8: pb.UINT8,
+    torch.bool: pb.BOOL,
+}
+PROTO_TO_TORCH = {v: k for k, v in TORCH_TO_PROTO.items()}
+DTYPE_NAMES = {pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat16", pb.FLOAT32: "float32", pb.FLOAT64: "float64",
+               pb.INT32: "int32", pb.INT64: "int64", pb.UINT8: "uint8", pb.BOOL: "bool"}
+
+
+class WireError(ValueError):
+    """The stream does not follow the wire format; `field` names what was wrong."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+
+def dtype_name(proto_dtype: int) -> str:
+    return DTYPE_NAMES.get(proto_dtype, f"unknown dtype {proto_dtype}")
+
+
+def describe(name: str, tensor: torch.Tensor) -> pb.TensorDesc:
+    if tensor.dtype not in TORCH_TO_PROTO:
+        raise WireError(f"tensor '{name}' has dtype {tensor.dtype}, which the wire cannot carry", name)
+    return pb.TensorDesc(name=name, dtype=TORCH_TO_PROTO[tensor.dtype], shape=list(tensor.shape),
+                         nbytes=tensor.numel() * tensor.element_size())
+
+
+def expected_nbytes(desc: pb.TensorDesc) -> int:
+    if desc.dtype not in PROTO_TO_TORCH:
+        raise WireError(f"tensor '{desc.name}': unknown dtype {desc.dtype}", desc.name)
+    if any(d < 0 for d in desc.shape):
+        raise WireError(f"tensor '{desc.name}': negative dimension in shape {list(desc.shape)}", desc.name)
+    itemsize = torch.empty((), dtype=PROTO_TO_TORCH[desc.dtype]).element_size()
+    return math.prod(desc.shape) * itemsize
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes as a flat memoryview (CPU, contiguous); no copy when already so."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def iter_frames(header: pb.Header, tensors: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[pb.Frame]:
+    """Header frame, then the tensors' bytes in order cut into chunks of at most chunk_bytes.
+
+    Chunks may span tensor boundaries, so small tensors do not each cost a message."""
+    chunk_bytes = max(1, min(int(chunk_bytes or DEFAULT_CHUNK_BYTES), MAX_CHUNK_BYTES))
+    yield pb.Frame(header=header)
+    pending: List[bytes] = []
+    pending_len = 0
+    for tensor in tensors:
+        view = byte_view(tensor)
+        pos = 0
+        while pos < len(view):
+            take = min(chunk_bytes - pending_len, len(view) - pos)
+            piece = view[pos:pos + take]
+            pos += take
+            if pending_len == 0 and take == chunk_bytes:
+                yield pb.Frame(chunk=piece.tobytes())
+                continue
+            pending.append(piece.tobytes())
+            pending_len += take
+            if pending_len == chunk_bytes:
+                yield pb.Frame(chunk=b"".join(pending))
+                pending, pending_len = [], 0
+    if pending_len:
+        yield pb.Frame(chunk=b"".join(pending))
+
+
+class TensorAssembler:
+    """Rebuilds the tensors of one direction of a call from its frames.
+
+    Feed the header, then chunks; `finish()` checks that every byte arrived. Tensors are
+    allocated once, from the header, and chunks are copied straight into them. `allocate` may
+    be replaced (e.g. by pinned staging buffers) and must return a uint8 CPU tensor."""
+
+    def __init__(self, allocate=None):
+        self.header: Optional[pb.Header] = None
+        self._allocate = allocate or (lambda n: torch.empty(n, dtype=torch.uint8))
+        self._buffers: List[Tuple[pb.TensorDesc, torch.Tensor, np.ndarray]] = []
+        self._index = 0  # tensor currently being filled
+        self._filled = 0  # bytes of it filled so far
+        self.received_bytes = 0
+
+    def set_header(self, header: pb.Header, skip_shm: bool = True) -> None:
+        if self.header is not None:
+            raise WireError("a second header arrived in one stream", "header")
+        self.header = header
+        names = set()
+        for desc in header.tensors:
+            if not desc.name:
+                raise WireError("a tensor descriptor has no name", "tensors")
+            if desc.name in names:
+                raise WireError(f"tensor '{desc.name}' is described twice", desc.name)
+            names.add(desc.name)
+            nbytes = expected_nbytes(desc)
+            if desc.nbytes != nbytes:
+                raise WireError(f"tensor '{desc.name}': header says {desc.nbytes} bytes but shape "
+                                f"{list(desc.shape)} of {dtype_name(desc.dtype)} needs {nbytes}", desc.name)
+        for desc in header.tensors:
+            if skip_shm and desc.HasField("shm"):
+                continue
+            buf = self._allocate(desc.nbytes)
+            self._buffers.append((desc, buf, buf.numpy() if desc.nbytes else np.empty(0, np.uint8)))
+        self._skip_empty()
+
+    def expected_bytes(self) -> int:
+        return sum(desc.nbytes for desc, _, _ in self._buffers)
+
+    def _skip_empty(self) -> None:
+        while self._index < len(self._buffers) and self._filled == self._buffers[self._index][0].nbytes:
+            self._index += 1
+            self._filled = 0
+
+    def add_chunk(self, data: bytes) -> None:
+        if self.header is None:
+            raise WireError("a data chunk arrived before the header", "header")
+        src = np.frombuffer(data, dtype=np.uint8)
+        pos = 0
+        while pos < len(src):
+            if self._index >= len(self._buffers):
+                raise WireError(f"more bytes arrived than the header describes ({self.expected_bytes()} bytes)",
+                                "chunk")
+            desc, _, dst = self._buffers[self._index]
+            take = min(desc.nbytes - self._filled, len(src) - pos)
+            dst[self._filled:self._filled + take] = src[pos:pos + take]
+            self._filled += take
+            pos += take
+            self._skip_empty()
+        self.received_bytes += len(src)
+
+    def complete(self) -> bool:
+        return self.header is not None and self._index >= len(self._buffers)
+
+    def finish(self) -> Dict[str, torch.Tensor]:
+        """The chunk-carried tensors by name, typed and shaped; raises if bytes are missing."""
+        if self.header is None:
+            raise WireError("the stream ended before any header arrived", "header")
+        if not self.complete():
+            desc = self._buffers[self._index][0]
+            raise WireError(f"the stream ended early: tensor '{desc.name}' got {self._filled} of {desc.nbytes} "
+                            f"bytes ({self.received_bytes} of {self.expected_bytes()} in all)", desc.name)
+        return {desc.name: as_tensor(buf, desc) for desc, buf, _ in self._buffers}
+
+
+def as_tensor(buf: torch.Tensor, desc: pb.TensorDesc) -> torch.Tensor:
+    """Reinterpret a uint8 buffer as the tensor its descriptor describes (no copy)."""
+    dtype = PROTO_TO_TORCH[desc.dtype]
+    if desc.nbytes == 0:
+        return torch.empty(tuple(desc.shape), dtype=dtype, device=buf.device)
+    return buf.view(dtype).view(tuple(desc.shape))
+
+
+def read_stream(frames: Iterable[pb.Frame], allocate=None) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
+    """Collect one direction of a call (synchronous iterator of frames)."""
+    asm = TensorAssembler(allocate)
+    for frame in frames:
+        kind = frame.WhichOneof("kind")
+        if kind == "header":
+            asm.set_header(frame.header)
+        elif kind == "chunk":
+            asm.add_chunk(frame.chunk)
+        else:
+            raise WireError("an empty frame arrived", "frame")
+    return asm.header, asm.finish()

@@ -1,0 +1,169 @@
+"""Attention with flash_attn 2.x semantics, written with plain torch ops.
+
+This is the `torch` backend's math and the reference the tests and `flashserve demo` compare
+against. It works one sequence at a time in the packed varlen layout and computes in
+`compute_dtype` (float32 by default, float64 for tests); score matrices exist only for one
+block of query rows at a time, so memory stays bounded on long sequences.
+
+Semantics (flash_attn 2.8): logits = scale * S (or softcap * tanh(scale * S / softcap)), minus
+slope * |i + sk - sq - j| with ALiBi; key j is visible from query i when
+i + sk - sq - window_left <= j <= i + sk - sq + window_right (-1: unbounded; causal sets
+window_right = 0). Rows that see no key give out = 0 and lse = +inf. Dropout uses the mask of
+csrc/common/dropout.cuh.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .base import AttentionParams, BackwardResult, ForwardResult
+from .philox import dropout_keep_mask
+
+ROW_BLOCK = 1024  # query rows per score block
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def effective_window(params: AttentionParams) -> Tuple[int, int]:
+    left, right = params.window_left, params.window_right
+    if params.causal:
+        right = 0
+    return left, right
+
+
+def _visible(rows: torch.Tensor, seqlen_q: int, seqlen_k: int, left: int, right: int) -> Optional[torch.Tensor]:
+    """Boolean (rows, seqlen_k) mask of visible keys, or None when every key is visible."""
+    if left < 0 and right < 0:
+        return None
+    cols = torch.arange(seqlen_k, device=rows.device).view(1, -1)
+    diag = rows.view(-1, 1) + (seqlen_k - seqlen_q)
+    ok = torch.ones(rows.numel(), seqlen_k, dtype=torch.bool, device=rows.device)
+    if right >= 0:
+        ok &= cols <= diag + right
+    if left >= 0:
+        ok &= cols >= diag - left
+    return ok
+
+
+def _logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params: AttentionParams, slopes):
+    """Masked logits (heads, rows, seqlen_k) for a block of query rows."""
+    s = torch.matmul(q_blk, k_seq.transpose(-1, -2))
+    if params.softcap > 0:
+        s = params.softcap * torch.tanh(s * (params.softmax_scale / params.softcap))
+    else:
+        s = s * params.softmax_scale
+    if slopes is not None:
+        cols = torch.arange(seqlen_k, device=s.device, dtype=s.dtype).view(1, -1)
+        dist = (rows.to(s.dtype).view(-1, 1) + (seqlen_k - seqlen_q) - cols).abs()
+        s = s - slopes.to(s.dtype).view(-1, 1, 1) * dist.unsqueeze(0)
+    left, right = effective_window(params)
+    ok = _visible(rows, seqlen_q, seqlen_k, left, right)
+    if ok is not None:
+        s = s.masked_fill(~ok.unsqueeze(0), float("-inf"))
+    return s
+
+
+def _sequence_slopes(alibi_slopes: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
+    if alibi_slopes is None:
+        return None
+    return alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+
+
+def _block_forward(q_blk, k_seq, v_seq, rows, seqlen_q, seqlen_k, params, slopes, keep):
+    """(out, lse, probs_before_dropout) for one block; heads leading."""
+    s = _logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params, slopes)
+    # Rows that see no key would make logsumexp -inf and its gradient NaN: give them finite
+    # logits here and zero probabilities below.
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+    s = s.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).masked_fill(empty, 0.0)  # masked entries: exp(-inf) = 0
+    empty = empty.squeeze(-1)
+    p_used = p
+    if keep is not None:
+        p_used = p * keep.to(p.dtype) / (1.0 - params.dropout_p)
+    out = torch.matmul(p_used, v_seq)
+    lse = lse.masked_fill(empty, float("inf"))
+    return out, lse, p
+
+
+def _expand_kv(t: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """(heads_k, s, d) -> (heads_q, s, d) for GQA / MQA; differentiable (gradients sum back)."""
+    groups = heads_q // t.shape[0]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=0)
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params: AttentionParams, alibi_slopes=None,
+            return_softmax: bool = False, compute_dtype=torch.float32) -> ForwardResult:
+    total_q, heads_q, _ = q.shape
+    heads_k = k.shape[1]
+    batch = cu_seqlens_q.numel() - 1
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((heads_q, total_q), float("inf"), dtype=torch.float32, device=q.device)
+    s_dmask = None
+    if return_softmax:
+        s_dmask = torch.zeros(batch, heads_q, round_up(params.max_seqlen_q, 128), round_up(params.max_seqlen_k, 128),
+                              dtype=q.dtype, device=q.device)
+    for b in range(batch):
+        sq, sk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if sq == 0:
+            continue
+        k_seq = _expand_kv(k[ck[b]:ck[b + 1]].to(compute_dtype).transpose(0, 1), heads_q)
+        v_seq = _expand_kv(v[ck[b]:ck[b + 1]].to(compute_dtype).transpose(0, 1), heads_q)
+        slopes = _sequence_slopes(alibi_slopes, b)
+        keep = None
+        if params.dropout_p > 0 and sk > 0:
+            keep = dropout_keep_mask(params.seed, params.offset, b * heads_q, heads_q, sq, sk, params.dropout_p,
+                                     device=q.device)
+        for r0 in range(0, sq, ROW_BLOCK):
+            r1 = min(sq, r0 + ROW_BLOCK)
+            rows = torch.arange(r0, r1, device=q.device)
+            q_blk = q[cq[b] + r0:cq[b] + r1].to(compute_dtype).transpose(0, 1)
+            keep_blk = None if keep is None else keep[:, r0:r1]
+            o, l, p = _block_forward(q_blk, k_seq, v_seq, rows, sq, sk, params, slopes, keep_blk)
+            out[cq[b] + r0:cq[b] + r1] = o.transpose(0, 1).to(q.dtype)
+            lse[:, cq[b] + r0:cq[b] + r1] = l.float()
+            if s_dmask is not None and sk > 0:
+                signed = p if keep_blk is None else torch.where(keep_blk, p, -p)
+                s_dmask[b, :, r0:r1, :sk] = signed.to(q.dtype)
+    return ForwardResult(out=out, softmax_lse=lse, s_dmask=s_dmask)
+
+
+def backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, params: AttentionParams,
+             alibi_slopes=None, compute_dtype=torch.float32) -> BackwardResult:
+    """Gradients by recomputing each block's forward under autograd (out and lse are not needed:
+    the recomputation is exact, and keeps this reference independent of the kernels)."""
+    heads_q = q.shape[1]
+    batch = cu_seqlens_q.numel() - 1
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    dq = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=compute_dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=compute_dtype, device=q.device)
+    for b in range(batch):
+        sq, sk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if sq == 0 or sk == 0:
+            continue
+        slopes = _sequence_slopes(alibi_slopes, b)
+        keep = None
+        if params.dropout_p > 0:
+            keep = dropout_keep_mask(params.seed, params.offset, b * heads_q, heads_q, sq, sk, params.dropout_p,
+                                     device=q.device)
+        k_leaf = k[ck[b]:ck[b + 1]].to(compute_dtype).transpose(0, 1).detach().requires_grad_(True)
+        v_leaf = v[ck[b]:ck[b + 1]].to(compute_dtype).transpose(0, 1).detach().requires_grad_(True)
+        for r0 in range(0, sq, ROW_BLOCK):
+            r1 = min(sq, r0 + ROW_BLOCK)
+            rows = torch.arange(r0, r1, device=q.device)
+            q_leaf = q[cq[b] + r0:cq[b] + r1].to(compute_dtype).transpose(0, 1).detach().requires_grad_(True)
+            with torch.enable_grad():
+                o, _, _ = _block_forward(q_leaf, _expand_kv(k_leaf, heads_q), _expand_kv(v_leaf, heads_q), rows,
+                                         sq, sk, params, slopes, None if keep is None else keep[:, r0:r1])
+                g = dout[cq[b] + r0:cq[b] + r1].to(compute_dtype).transpose(0, 1)
+                gq, gk, gv = torch.autograd.grad(o, (q_leaf, k_leaf, v_leaf), g)
+            dq[cq[b] + r0:cq[b] + r1] = gq.transpose(0, 1)
+            dk[ck[b]:ck[b + 1]] += gk.transpose(0, 1)
+            dv[ck[b]:ck[b + 1]] += gv.transpose(0, 1)
+    return BackwardResult(dq=dq.to(q.dtype), dk=dk.to(k.dtype), dv=dv.to(v.dtype))
