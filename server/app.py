@@ -1,0 +1,142 @@
+"""Assembles the gRPC server: service, health, reflection, auth, TLS, metrics, ports.
+
+`build_server` returns a started `grpc.aio.Server`; `serve` runs one until SIGTERM/SIGINT and
+drains in-flight calls; `BackgroundServer` runs one on a thread of its own (tests, `flashserve demo`)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import threading
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flashserve.proto import attention_pb2_grpc as pb_grpc
+
+from . import metrics
+from .auth import TokenInterceptor
+from .backends import Backend, create_backend
+from .config import ServerConfig
+from .scheduler import Scheduler
+from .service import SERVICE_NAME, AttentionService
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Running:
+    server: grpc.aio.Server
+    service: AttentionService
+    health: object  # grpc_health.v1.health.aio.HealthServicer
+    port: int
+
+
+def grpc_options(config: ServerConfig):
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def make_scheduler(backend: Backend, config: ServerConfig) -> Scheduler:
+    return Scheduler(backend, config.workers)
+
+
+async def build_server(config: ServerConfig, backend: Optional[Backend] = None) -> Running:
+    backend = backend or create_backend(config.backend, config.device or None)
+    interceptors = [TokenInterceptor(config.token)] if config.token else []
+    server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
+    service = AttentionService(backend, config, make_scheduler(backend, config))
+    pb_grpc.add_AttentionServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        with open(config.tls_cert, "rb") as f:
+            cert = f.read()
+        with open(config.tls_key, "rb") as f:
+            key = f.read()
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not listen on {address}")
+    if config.unix_socket:
+        server.add_insecure_port(f"unix:{config.unix_socket}")
+    await server.start()
+    log.info("flashserve %s backend on %s (port %d)", backend.name, backend.device_name(), port)
+    return Running(server=server, service=service, health=health_servicer, port=port)
+
+
+async def drain(running: Running, grace_s: float) -> None:
+    """Stop taking new calls (health says NOT_SERVING), let in-flight calls finish, then stop."""
+    await running.health.enter_graceful_shutdown()
+    await running.server.stop(grace_s)
+    await running.service.scheduler.close()
+
+
+async def serve(config: ServerConfig, ready: Optional[threading.Event] = None) -> None:
+    if config.metrics_port:
+        metrics.serve_metrics(config.metrics_port, "0.0.0.0" if config.host in ("0.0.0.0", "::") else config.host)
+    running = await build_server(config)
+    print(f"flashserve listening on {config.host}:{running.port} (backend {running.service.backend.name}, "
+          f"device {running.service.backend.device_name()})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("draining (up to %.0f s)", config.drain_s)
+    await drain(running, config.drain_s)
+
+
+class BackgroundServer:
+    """A server on its own thread and event loop; `with BackgroundServer(cfg) as s: s.target`."""
+
+    def __init__(self, config: ServerConfig, backend: Optional[Backend] = None):
+        self.config = config
+        self._backend = backend
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="flashserve-server", daemon=True)
+        self.running: Optional[Running] = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.config.host}:{self.running.port}"
+
+    @property
+    def service(self) -> AttentionService:
+        return self.running.service
+
+    def start(self) -> "BackgroundServer":
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(build_server(self.config, self._backend), self._loop)
+        self.running = fut.result(timeout=60)
+        return self
+
+    def call(self, coro, timeout: float = 60):
+        """Run a coroutine on the server's loop (tests use it to poke at server state)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self.running is not None:
+            self.call(drain(self.running, grace_s))
+            self.running = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,192 @@
+"""The gRPC service: decodes frames, validates, hands jobs to the scheduler, streams results back.
+
+Every failure is a gRPC status on that call alone; the server keeps serving everyone else."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import AsyncIterator, Dict, Optional
+
+import grpc
+import torch
+
+from flashserve.proto import attention_pb2 as pb
+from flashserve.proto import attention_pb2_grpc as pb_grpc
+from flashserve.wire import TORCH_TO_PROTO, TensorAssembler, WireError, describe, iter_frames
+
+from . import metrics
+from .backends.base import Backend
+from .config import ServerConfig
+from .scheduler import Job, Scheduler
+from .validation import RequestError, attention_params, check_contents, check_header
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Attention"].full_name
+
+METHOD_NAMES = {pb.FORWARD: "Forward", pb.BACKWARD: "Backward"}
+
+
+class AttentionService(pb_grpc.AttentionServicer):
+    def __init__(self, backend: Backend, config: ServerConfig, scheduler: Optional[Scheduler] = None,
+                 residuals=None, shm=None):
+        self.backend = backend
+        self.config = config
+        self.caps = backend.capabilities()
+        self.scheduler = scheduler or Scheduler(backend, config.workers)
+        self.residuals = residuals  # server/residuals.py store, or None
+        self.shm = shm  # server/shm.py reader/writer when --allow-shm, or None
+        self.in_flight = 0
+
+    # ---- RPC methods -------------------------------------------------------------------------
+    async def Forward(self, request_iterator, context) -> AsyncIterator[pb.Frame]:
+        async for frame in self._call(pb.FORWARD, request_iterator, context):
+            yield frame
+
+    async def Backward(self, request_iterator, context) -> AsyncIterator[pb.Frame]:
+        async for frame in self._call(pb.BACKWARD, request_iterator, context):
+            yield frame
+
+    async def GetServerInfo(self, request, context) -> pb.ServerInfo:
+        cfg = self.config
+        return pb.ServerInfo(
+            version=VERSION, backend=self.backend.name, device=self.backend.device_name(),
+            dtypes=[TORCH_TO_PROTO[d] for d in self.caps.dtypes], max_head_dim=self.caps.max_head_dim,
+            features=list(self.caps.features), backward=self.caps.backward,
+            limits=pb.Limits(max_tokens=cfg.max_tokens, max_request_bytes=cfg.max_request_bytes,
+                             max_concurrent_requests=cfg.max_concurrent, max_message_bytes=cfg.max_message_bytes,
+                             default_chunk_bytes=cfg.chunk_bytes),
+            shared_memory=self.shm is not None, residuals=self.residuals is not None, hostname=socket.gethostname())
+
+    async def Release(self, request, context) -> pb.ReleaseResponse:
+        released = 0
+        if self.residuals is not None:
+            released = self.residuals.release(list(request.residual_handles))
+        return pb.ReleaseResponse(released=released)
+
+    # ---- one Forward / Backward call ---------------------------------------------------------
+    async def _call(self, operation: int, request_iterator, context) -> AsyncIterator[pb.Frame]:
+        method = METHOD_NAMES[operation]
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        if self.in_flight >= self.config.max_concurrent:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            metrics.REQUESTS.labels(method, code.name).inc()
+            await context.abort(code, f"the server is serving {self.in_flight} requests, its limit "
+                                      f"(--max-concurrent); retry later")
+        self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+        try:
+            header, tensors, shapes, params, received_s = await self._receive(operation, request_iterator)
+            remaining = context.time_remaining()
+            job = Job(op="forward" if operation == pb.FORWARD else "backward", tensors=tensors, params=params,
+                      shapes=shapes, return_softmax=header.params.return_softmax and operation == pb.FORWARD,
+                      deadline=None if remaining is None else time.monotonic() + remaining)
+            job.timings["receive_s"] = received_s
+            if operation == pb.BACKWARD and header.residual_handle:
+                self._attach_residuals(job, header.residual_handle)
+            outputs = await self.scheduler.run(job)
+            reply = pb.Header(operation=operation)
+            if operation == pb.FORWARD and header.keep_residuals and self.residuals is not None:
+                reply.residual_handle = self.residuals.keep(job, outputs)
+            async for frame in self._send(reply, outputs, header, job):
+                yield frame
+            metrics.TOKENS.labels(method).inc(shapes.total_q if shapes else 0)
+        except RequestError as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        except WireError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc))
+        except torch.cuda.OutOfMemoryError:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, "the GPU ran out of memory for this request")
+        except (grpc.aio.AbortError, GeneratorExit):
+            raise
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # a bug or backend failure: this call fails, the server goes on
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
+            metrics.REQUESTS.labels(method, code.name).inc()
+            metrics.LATENCY.labels(method).observe(time.perf_counter() - started)
+
+    async def _receive(self, operation, request_iterator):
+        asm = TensorAssembler()
+        shapes = params = None
+        t_first = None
+        async for frame in request_iterator:
+            kind = frame.WhichOneof("kind")
+            if t_first is None:
+                t_first = time.perf_counter()
+                if kind != "header":
+                    raise WireError("the first frame must be a header", "header")
+                header = frame.header
+                has_residuals = operation == pb.BACKWARD and bool(header.residual_handle)
+                if has_residuals and self.residuals is None:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       "residual_handle: this server keeps no residuals; send the tensors")
+                shapes = check_header(header, operation, self.caps, self.config, has_residuals)
+                head_dim = shapes.head_dim if shapes else self.residuals.head_dim(header.residual_handle)
+                params = attention_params(header, head_dim, self.caps, operation)
+                asm.set_header(header)
+            elif kind == "chunk":
+                asm.add_chunk(frame.chunk)
+            elif kind == "header":
+                raise WireError("a second header arrived in one stream", "header")
+            else:
+                raise WireError("an empty frame arrived", "frame")
+        if t_first is None:
+            raise WireError("the request stream ended before any header arrived", "header")
+        tensors = asm.finish()
+        if self.shm is not None:
+            tensors.update(self.shm.read_inputs(asm.header))
+        elif any(d.HasField("shm") for d in asm.header.tensors):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "shm: this server does not accept shared-memory tensors (start it with --allow-shm)")
+        metrics.BYTES_IN.inc(asm.received_bytes)
+        if shapes is not None:
+            params = check_contents(tensors, shapes, params)
+        return asm.header, tensors, shapes, params, time.perf_counter() - t_first
+
+    def _attach_residuals(self, job: Job, handle: str) -> None:
+        kept = self.residuals.take(handle)  # raises FAILED_PRECONDITION when evicted
+        job.tensors = {**kept.tensors, **job.tensors}
+        job.shapes = kept.shapes
+        job.params = kept.merge_params(job.params)
+        dout = job.tensors["dout"]
+        if tuple(dout.shape) != tuple(job.tensors["q"].shape) or dout.dtype != job.tensors["q"].dtype:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"dout: must match the forward's q ({job.tensors['q'].dtype} "
+                               f"{list(job.tensors['q'].shape)}), got {dout.dtype} {list(dout.shape)}")
+
+    async def _send(self, reply: pb.Header, outputs: Dict[str, torch.Tensor], request: pb.Header, job: Job):
+        t = job.timings
+        reply.timings.CopyFrom(pb.Timings(queue_s=t.get("queue_s", 0), copy_in_s=t.get("copy_in_s", 0),
+                                          compute_s=t.get("compute_s", 0), copy_out_s=t.get("copy_out_s", 0),
+                                          receive_s=t.get("receive_s", 0),
+                                          batch_requests=int(t.get("batch_requests", 1))))
+        for stage in ("queue_s", "copy_in_s", "compute_s", "copy_out_s"):
+            metrics.STAGE.labels(stage[:-2]).observe(t.get(stage, 0))
+        names = list(outputs)
+        if request.output_region and self.shm is not None:
+            descs = self.shm.write_outputs(request, outputs)
+            reply.tensors.extend(descs)
+            yield pb.Frame(header=reply)
+            return
+        reply.tensors.extend(describe(n, outputs[n]) for n in names)
+        chunk = request.chunk_bytes or self.config.chunk_bytes
+        chunk = min(chunk, self.config.max_message_bytes - 1024)
+        sent = 0
+        for frame in iter_frames(reply, [outputs[n] for n in names], chunk):
+            sent += len(frame.chunk)
+            yield frame
+        metrics.BYTES_OUT.inc(sent)
