@@ -1,0 +1,257 @@
+// Backward pass: preprocess (D = rowsum(dO * O), dQ accumulator zeroing), dispatch of the main kernel,
+// postprocess (dQ accumulator -> dq, GQA dK/dV reduction, zeroing of K rows past the last sequence).
+#include <cstdio>
+#include <string>
+
+#include "bwd_kernel.cuh"
+
+namespace flashserve {
+namespace bwd {
+
+namespace {
+
+__device__ __forceinline__ void to_float8(const uint4& raw, bool bf16, float (&f)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (bf16) {
+      __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&w[i]);
+      float2 x = __bfloat1622float2(v);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    } else {
+      __half2 v = *reinterpret_cast<const __half2*>(&w[i]);
+      float2 x = __half22float2(v);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  }
+}
+
+__device__ __forceinline__ uint4 from_float8(const float (&f)[8], bool bf16) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (bf16) {
+      __nv_bfloat162 v = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+      w[i] = *reinterpret_cast<uint32_t*>(&v);
+    } else {
+      __half2 v = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+      w[i] = *reinterpret_cast<uint32_t*>(&v);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// One warp per (query row, head): D = sum_d dO * O (fp32), and zero that row's dq_accum in every split.
+__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const BwdParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t rh = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (rh >= (int64_t)p.total_q * p.h) return;
+  const int row = (int)(rh / p.h), head = (int)(rh % p.h);
+  float acc = 0.f;
+  const int c = lane * 8;
+  if (c < p.d) {
+    const uint4 o = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(p.o) +
+                                                    row * p.o_row_stride + head * p.o_head_stride + c);
+    const uint4 g = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(p.dout) +
+                                                    row * p.do_row_stride + head * p.do_head_stride + c);
+    float fo[8], fg[8];
+    to_float8(o, p.is_bf16, fo);
+    to_float8(g, p.is_bf16, fg);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc += fo[i] * fg[i];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) p.dsum[(int64_t)head * p.total_q + row] = acc;
+  const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s = 0; s < p.num_splits; ++s) {
+    float* dst = p.dq_accum + (((int64_t)s * p.total_q + row) * p.h + head) * p.d;
+    for (int cc = lane * 4; cc < p.d; cc += 128) *reinterpret_cast<float4*>(dst + cc) = z;
+  }
+}
+
+// One warp per (query row, head): dq = scale * sum over splits of dq_accum, in the input dtype.
+__global__ void __launch_bounds__(256) bwd_postprocess_dq_kernel(const BwdParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t rh = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (rh >= (int64_t)p.total_q * p.h) return;
+  const int c = lane * 8;
+  if (c >= p.d) return;
+  float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const int64_t split_stride = (int64_t)p.total_q * p.h * p.d;
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float* src = p.dq_accum + s * split_stride + rh * p.d + c;
+    const float4 a = *reinterpret_cast<const float4*>(src), b = *reinterpret_cast<const float4*>(src + 4);
+    f[0] += a.x; f[1] += a.y; f[2] += a.z; f[3] += a.w;
+    f[4] += b.x; f[5] += b.y; f[6] += b.z; f[7] += b.w;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] *= p.scale;
+  *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.dq) + rh * p.d + c) = from_float8(f, p.is_bf16);
+}
+
+// One warp per (key row, K/V head). GQA: dk/dv = sum over the group's query heads of the fp32 partials
+// (fixed order). Rows past cu_seqlens_k[b] belong to no sequence: written as 0 (with or without GQA).
+__global__ void __launch_bounds__(256) bwd_postprocess_dkv_kernel(const BwdParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t rh = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (rh >= (int64_t)p.total_k * p.h_k) return;
+  const int row = (int)(rh / p.h_k), hk = (int)(rh % p.h_k);
+  const int group = p.h / p.h_k;
+  const bool tail = row >= p.cu_seqlens_k[p.b];
+  if (group == 1 && !tail) return;  // written by the main kernel
+  const int c = lane * 8;
+  if (c >= p.d) return;
+  float fk[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, fv[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (!tail) {
+    for (int gi = 0; gi < group; ++gi) {
+      const int64_t off = ((int64_t)row * p.h + hk * group + gi) * p.d + c;
+      const float4 a = *reinterpret_cast<const float4*>(p.dk_accum + off);
+      const float4 b = *reinterpret_cast<const float4*>(p.dk_accum + off + 4);
+      const float4 x = *reinterpret_cast<const float4*>(p.dv_accum + off);
+      const float4 y = *reinterpret_cast<const float4*>(p.dv_accum + off + 4);
+      fk[0] += a.x; fk[1] += a.y; fk[2] += a.z; fk[3] += a.w;
+      fk[4] += b.x; fk[5] += b.y; fk[6] += b.z; fk[7] += b.w;
+      fv[0] += x.x; fv[1] += x.y; fv[2] += x.z; fv[3] += x.w;
+      fv[4] += y.x; fv[5] += y.y; fv[6] += y.z; fv[7] += y.w;
+    }
+  }
+  *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.dk) + rh * p.d + c) = from_float8(fk, p.is_bf16);
+  *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.dv) + rh * p.d + c) = from_float8(fv, p.is_bf16);
+}
+
+int class_for(int d) {
+  const int classes[] = {32, 64, 96, 128, 192, 256};
+  for (int c : classes)
+    if (d <= c) return c;
+  return 0;
+}
+
+int block_keys_for(int cls) { return cls > 128 ? Traits<192, 1>::Bc : Traits<128, 1>::Bc; }
+
+std::string cuda_msg(const char* what, cudaError_t e) {
+  return std::string("flashserve backward: ") + what + " failed: " + cudaGetErrorName(e) + " (" +
+         cudaGetErrorString(e) + ")";
+}
+
+}  // namespace
+
+bool class_compiled(int cls, bool bf16) {
+  bool hd = false, dt = false;
+#if defined(FLASHSERVE_HD_32)
+  hd |= cls == 32;
+#endif
+#if defined(FLASHSERVE_HD_64)
+  hd |= cls == 64;
+#endif
+#if defined(FLASHSERVE_HD_96)
+  hd |= cls == 96;
+#endif
+#if defined(FLASHSERVE_HD_128)
+  hd |= cls == 128;
+#endif
+#if defined(FLASHSERVE_HD_192)
+  hd |= cls == 192;
+#endif
+#if defined(FLASHSERVE_HD_256)
+  hd |= cls == 256;
+#endif
+#if defined(FLASHSERVE_DT_BF16)
+  dt |= bf16;
+#endif
+#if defined(FLASHSERVE_DT_FP16)
+  dt |= !bf16;
+#endif
+  return hd && dt;
+}
+
+std::string plan(BwdParams& p, BwdWorkspace* ws) {
+  if (p.d <= 0 || p.d % 8 != 0 || p.d > 256)
+    return "flashserve backward: head dim (padded) must be a multiple of 8 in [8, 256], got " + std::to_string(p.d);
+  if (p.h_k <= 0 || p.h % p.h_k != 0)
+    return "flashserve backward: heads_q (" + std::to_string(p.h) + ") must be a multiple of heads_k (" +
+           std::to_string(p.h_k) + ")";
+  if (p.p_drop < 0.f || p.p_drop >= 1.f) return "flashserve backward: dropout_p must be in [0, 1)";
+  const int cls = class_for(p.d);
+  if (!class_compiled(cls, p.is_bf16))
+    return "flashserve backward: head-dim class " + std::to_string(cls) + " / " + (p.is_bf16 ? "bf16" : "fp16") +
+           " is not compiled into this build (FLASHSERVE_HEADDIMS / FLASHSERVE_DTYPES)";
+  p.head_dim_class = cls;
+  const int bc = block_keys_for(cls);
+  const int nkb = (p.max_seqlen_k + bc - 1) / bc;
+  p.num_splits = 1;
+  if (p.deterministic) {
+    // Enough blocks for ~2 waves (one block per SM is resident), never more than the K/V blocks.
+    const int64_t bh = (int64_t)p.b * p.h;
+    int want = bh > 0 ? (int)((2 * (int64_t)p.num_sms + bh - 1) / bh) : 1;
+    p.num_splits = want < 1 ? 1 : (want > nkb ? (nkb > 0 ? nkb : 1) : want);
+  }
+  if (ws) {
+    ws->dsum_floats = (size_t)p.h * p.total_q;
+    ws->dq_accum_floats = (size_t)p.num_splits * p.total_q * p.h * p.d;
+    ws->dkv_accum_floats = p.h != p.h_k ? (size_t)p.total_k * p.h * p.d : 0;
+  }
+  return "";
+}
+
+std::string run(BwdParams& p, cudaStream_t stream) {
+  cudaError_t e;
+  if (p.total_q > 0 && p.h > 0) {
+    const int64_t n = (int64_t)p.total_q * p.h;
+    bwd_preprocess_kernel<<<(unsigned)((n + 7) / 8), 256, 0, stream>>>(p);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_msg("preprocess launch", e);
+  }
+  if (p.b > 0 && p.total_k > 0) {
+    int dev = 0;
+    int optin = 0;
+    if ((e = cudaGetDevice(&dev)) != cudaSuccess) return cuda_msg("cudaGetDevice", e);
+    if ((e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
+      return cuda_msg("cudaDeviceGetAttribute", e);
+    e = cudaErrorInvalidValue;
+    switch (p.head_dim_class) {
+#define FS_DISPATCH(D)                                                            \
+  case D:                                                                         \
+    e = p.is_bf16 ? run_main_hd##D##_bf16(p, stream, (size_t)optin)                \
+                  : run_main_hd##D##_fp16(p, stream, (size_t)optin);              \
+    break;
+#if defined(FLASHSERVE_HD_32)
+      FS_DISPATCH(32)
+#endif
+#if defined(FLASHSERVE_HD_64)
+      FS_DISPATCH(64)
+#endif
+#if defined(FLASHSERVE_HD_96)
+      FS_DISPATCH(96)
+#endif
+#if defined(FLASHSERVE_HD_128)
+      FS_DISPATCH(128)
+#endif
+#if defined(FLASHSERVE_HD_192)
+      FS_DISPATCH(192)
+#endif
+#if defined(FLASHSERVE_HD_256)
+      FS_DISPATCH(256)
+#endif
+#undef FS_DISPATCH
+      default:
+        return "flashserve backward: head-dim class " + std::to_string(p.head_dim_class) + " not compiled";
+    }
+    if (e != cudaSuccess) return cuda_msg("main kernel launch", e);
+  }
+  if (p.total_q > 0 && p.h > 0) {
+    const int64_t n = (int64_t)p.total_q * p.h;
+    bwd_postprocess_dq_kernel<<<(unsigned)((n + 7) / 8), 256, 0, stream>>>(p);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_msg("postprocess dq launch", e);
+  }
+  if (p.total_k > 0 && p.h_k > 0) {
+    const int64_t n = (int64_t)p.total_k * p.h_k;
+    bwd_postprocess_dkv_kernel<<<(unsigned)((n + 7) / 8), 256, 0, stream>>>(p);
+    if ((e = cudaGetLastError()) != cudaSuccess) return cuda_msg("postprocess dk/dv launch", e);
+  }
+  return "";
+}
+
+}  // namespace bwd
+}  // namespace flashserve
