@@ -54,7 +54,7 @@ def _desc_map(header: pb.Header) -> Dict[str, pb.TensorDesc]:
     out = {}
     for d in header.tensors:
         if d.name in out:
-            raise invalid(f"tensor '{d.name}' is sent twice")
+            raise invalid(f"tensor '{d.name}' is described twice")
         out[d.name] = d
     return out
 
@@ -182,13 +182,15 @@ def attention_params(header: pb.Header, head_dim: int, caps: Capabilities, opera
         raise invalid(f"dropout_p: must be in [0, 1), got {p.dropout_p}")
     if not math.isfinite(p.softcap) or p.softcap < 0:
         raise invalid(f"softcap: must be >= 0 (0 turns it off), got {p.softcap}")
-    if p.window_left < -1 or p.window_right < -1:
-        raise invalid(f"window_size: entries must be >= -1, got ({p.window_left}, {p.window_right})")
+    window_left = p.window_left if p.HasField("window_left") else -1
+    window_right = p.window_right if p.HasField("window_right") else -1
+    if window_left < -1 or window_right < -1:
+        raise invalid(f"window_size: entries must be >= -1, got ({window_left}, {window_right})")
     if p.max_seqlen_q < 0 or p.max_seqlen_k < 0:
         raise invalid(f"max_seqlen: must be >= 0, got q {p.max_seqlen_q}, k {p.max_seqlen_k}")
     feats = caps.features
     needs = []
-    if p.window_left >= 0 or (p.window_right >= 0 and not p.causal):
+    if window_left >= 0 or (window_right >= 0 and not p.causal):
         needs.append(("window", "window_size (sliding window)"))
     if p.causal:
         needs.append(("causal", "causal"))
@@ -203,8 +205,8 @@ def attention_params(header: pb.Header, head_dim: int, caps: Capabilities, opera
     for feature, what in needs:
         if feature not in feats:
             raise RequestError(grpc.StatusCode.UNIMPLEMENTED, f"{what}: not supported by this server's backend")
-    return AttentionParams(softmax_scale=float(scale), causal=p.causal, window_left=p.window_left,
-                           window_right=p.window_right, softcap=float(p.softcap), dropout_p=float(p.dropout_p),
+    return AttentionParams(softmax_scale=float(scale), causal=p.causal, window_left=window_left,
+                           window_right=window_right, softcap=float(p.softcap), dropout_p=float(p.dropout_p),
                            seed=p.seed, offset=p.offset, deterministic=p.deterministic,
                            max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k)
 
