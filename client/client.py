@@ -5,6 +5,7 @@ The process-wide default client comes from `flashserve.connect(target, ...)` or,
 from the FLASHSERVE_TARGET environment variable."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -28,12 +29,14 @@ class Client:
     target: "host:port" or "unix:/path". timeout: seconds per call (None: no deadline).
     token: bearer token. tls / root_certificates: TLS with the system or given CA.
     retries: attempts for calls the server could not take (UNAVAILABLE); all calls are pure, so
-    a retry is safe. chunk_bytes: size of the byte chunks on the wire."""
+    a retry is safe. chunk_bytes: size of the byte chunks on the wire. load_balancing: a gRPC
+    policy such as "round_robin" to spread calls over every address a `dns:///` target resolves to
+    (e.g. a Kubernetes headless service)."""
 
     def __init__(self, target: str, timeout: Optional[float] = None, token: Optional[str] = None,
                  tls: bool = False, root_certificates: Optional[bytes] = None, retries: int = 3,
                  chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES, max_message_bytes: int = 80 << 20,
-                 transport: str = "auto"):
+                 transport: str = "auto", load_balancing: Optional[str] = None):
         self.target = target
         self.timeout = timeout
         self.retries = max(1, retries)
@@ -41,6 +44,8 @@ class Client:
         self.transport = transport
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
+        if load_balancing:
+            options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
         if tls or root_certificates:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(target, creds, options=options)

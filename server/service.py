@@ -40,6 +40,7 @@ class AttentionService(pb_grpc.AttentionServicer):
         self.residuals = residuals  # server/residuals.py store, or None
         self.shm = shm  # server/shm.py reader/writer when --allow-shm, or None
         self.in_flight = 0
+        self.requests_served = 0  # Forward/Backward calls answered OK
 
     # ---- RPC methods -------------------------------------------------------------------------
     async def Forward(self, request_iterator, context) -> AsyncIterator[pb.Frame]:
@@ -95,6 +96,7 @@ class AttentionService(pb_grpc.AttentionServicer):
             async for frame in self._send(reply, outputs, header, job):
                 yield frame
             metrics.TOKENS.labels(method).inc(shapes.total_q if shapes else 0)
+            self.requests_served += 1
         except RequestError as exc:
             code = exc.code
             await context.abort(exc.code, exc.message)

@@ -298,3 +298,16 @@ def test_stale_stubs_are_detected(tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_proto.py"), "--check", "--proto-root",
                           str(proto_root)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "stale stubs" in run.stderr
+
+
+def test_round_robin_client_over_two_servers():
+    cfg = dict(host="127.0.0.1", port=0, backend="torch")
+    with BackgroundServer(ServerConfig(**cfg)) as a, BackgroundServer(ServerConfig(**cfg)) as b:
+        target = f"ipv4:{a.target},{b.target}"
+        before = [a.service.requests_served, b.service.requests_served]
+        with flashserve.Client(target, load_balancing="round_robin", timeout=60) as c:
+            q = torch.randn(1, 6, 2, 16)
+            for _ in range(8):
+                flashserve.flash_attn_func(q, q, q, client=c)
+        served = [a.service.requests_served - before[0], b.service.requests_served - before[1]]
+        assert sum(served) == 8 and min(served) >= 2, served
