@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build flashserve._C, run tests/gpu, run bench/kernels.py, print a table last.
+#
+#   scripts/gpu_check.sh                 # full build (all head dims, fp16+bf16, sm_80+sm_90a), all tests, full bench
+#   FLASHSERVE_HEADDIMS=64,128 FLASHSERVE_DTYPES=bf16 FLASHSERVE_ARCHS=90a scripts/gpu_check.sh   # dev build
+#   GPU_CHECK_BENCH=quick|full|none  GPU_CHECK_TESTS="tests/gpu" (pytest args)  GPU_CHECK_SKIP_BUILD=1
+#
+# Logs and JSON go to $OUT when set (the device tool returns that folder), else to /tmp/flashserve_gpu_check.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-/tmp/flashserve_gpu_check}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+status=0
+
+echo "== gpu_check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+echo "   HEADDIMS=${FLASHSERVE_HEADDIMS:-all} DTYPES=${FLASHSERVE_DTYPES:-all} ARCHS=${FLASHSERVE_ARCHS:-80,90a}"
+
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" != "1" ]; then
+  t0=$(date +%s)
+  if ! FLASHSERVE_BUILD_EXT=1 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT_DIR/build.log" 2>&1; then
+    echo "BUILD FAILED (last lines of $OUT_DIR/build.log):"
+    grep -E "error|Error" "$OUT_DIR/build.log" | head -30
+    tail -30 "$OUT_DIR/build.log"
+    exit 1
+  fi
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
+python3 -c "from flashserve import _C; print('compiled:', _C.compiled_configs())" || exit 1
+
+# shellcheck disable=SC2086
+python3 -m pytest -q -rs -p no:cacheprovider $(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=1500) ${GPU_CHECK_TESTS:-tests/gpu} \
+  2>&1 | tee "$OUT_DIR/tests.log" | grep -vE "^\s*$" | tail -40
+[ "${PIPESTATUS[0]}" = "0" ] || status=1
+
+case "${GPU_CHECK_BENCH:-full}" in
+  none) ;;
+  quick) python3 bench/kernels.py --quick --json "$OUT_DIR/kernels.json" --md "$OUT_DIR/kernels.md" 2>"$OUT_DIR/bench.log" || status=1 ;;
+  *) python3 bench/kernels.py --json "$OUT_DIR/kernels.json" --md "$OUT_DIR/kernels.md" 2>"$OUT_DIR/bench.log" || status=1 ;;
+esac
+[ -s "$OUT_DIR/bench.log" ] && grep -iE "error|traceback" "$OUT_DIR/bench.log" | head -5
+echo "== tests: $(grep -E '(passed|failed|error)' "$OUT_DIR/tests.log" | tail -1)"
+exit $status
