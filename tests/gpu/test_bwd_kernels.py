@@ -1,0 +1,578 @@
+"""GPU tests of the CUDA backward kernels (csrc/bwd/), run on a lent GPU with pytest.
+
+Gradients are compared with autograd through a float32 torch implementation of the same masked attention
+(same dropout mask: server/backends/philox.py mirrors csrc/common/dropout.cuh bit for bit). Each case's bound is
+twice the error of torch SDPA's FlashAttention backward on the same inputs against its own float32 reference,
+plus a small floor. Where SDPA cannot compute the case's function (dropout with our RNG, window, softcap,
+ALiBi, bottom-right causal with seqlen_q != seqlen_k), its error on the nearest function it does compute (same
+inputs, plain causal or not) sets the scale. O and LSE come from the float32 reference, so the test does not
+depend on the forward kernel.
+
+The kernels are taken from flashserve._C.bwd when the extension has it (and FLASHSERVE_BWD_HARNESS is not 1);
+otherwise a small harness extension is built from csrc/bwd/ with torch.utils.cpp_extension (head dims and dtypes
+limited by FLASHSERVE_HEADDIMS / FLASHSERVE_DTYPES as in csrc/build_config.py).
+
+`python tests/gpu/test_bwd_kernels.py --bench` prints backward TFLOP/s beside torch SDPA FLASH and CUDNN.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CSRC = os.path.join(REPO, "csrc")
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _philox():
+    spec = importlib.util.spec_from_file_location("fs_philox", os.path.join(REPO, "server", "backends", "philox.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels: flashserve._C.bwd, or a harness extension built from csrc/bwd/.
+
+HARNESS_BINDING = r"""
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "bwd/bwd_params.h"
+
+namespace {
+at::Tensor prep(const at::Tensor& t, int64_t d8) {
+  at::Tensor x = t;
+  if (x.size(-1) != d8) x = at::constant_pad_nd(x, {0, d8 - x.size(-1)}, 0);
+  if (x.stride(-1) != 1 || x.stride(0) % 8 || x.stride(1) % 8 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
+    x = x.contiguous();
+  return x;
+}
+}  // namespace
+
+std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
+                            at::Tensor softmax_lse, at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k,
+                            int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
+                            int64_t window_left, int64_t window_right, double softcap,
+                            c10::optional<at::Tensor> alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
+                            bool deterministic) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && out.is_cuda() && dout.is_cuda() && softmax_lse.is_cuda(),
+              "bwd: all tensors must be on the GPU");
+  auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "bwd: q must be float16 or bfloat16");
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && out.scalar_type() == dt && dout.scalar_type() == dt,
+              "bwd: q, k, v, out, dout must share one dtype");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "bwd: q, k, v must be (total, heads, head_dim)");
+  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), "bwd: out and dout must have q's shape");
+  TORCH_CHECK(k.sizes() == v.sizes(), "bwd: k and v must have one shape");
+  const int64_t total_q = q.size(0), h = q.size(1), d = q.size(2), total_k = k.size(0), h_k = k.size(1);
+  TORCH_CHECK(k.size(2) == d, "bwd: k head dim differs from q's");
+  TORCH_CHECK(d >= 1 && d <= 256, "bwd: head dim must be in [1, 256]");
+  TORCH_CHECK(h_k >= 1 && h % h_k == 0, "bwd: heads_q must be a multiple of heads_k");
+  TORCH_CHECK(softmax_lse.scalar_type() == at::kFloat && softmax_lse.dim() == 2 && softmax_lse.size(0) == h &&
+              softmax_lse.size(1) == total_q, "bwd: softmax_lse must be float32 (heads_q, total_q)");
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_k.scalar_type() == at::kInt &&
+              cu_seqlens_q.dim() == 1 && cu_seqlens_q.numel() == cu_seqlens_k.numel() && cu_seqlens_q.numel() >= 1,
+              "bwd: cu_seqlens_q/k must be int32 (batch + 1)");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "bwd: dropout_p must be in [0, 1)");
+  const int64_t batch = cu_seqlens_q.numel() - 1;
+  c10::cuda::CUDAGuard guard(q.device());
+
+  const int64_t d8 = (d + 7) / 8 * 8;
+  at::Tensor qp = prep(q, d8), kp = prep(k, d8), vp = prep(v, d8), op = prep(out, d8), dop = prep(dout, d8);
+  at::Tensor lse = softmax_lse.contiguous();
+  at::Tensor cuq = cu_seqlens_q.contiguous(), cuk = cu_seqlens_k.contiguous();
+  auto opts = q.options();
+  at::Tensor dq = at::empty({total_q, h, d8}, opts), dk = at::empty({total_k, h_k, d8}, opts),
+             dv = at::empty({total_k, h_k, d8}, opts);
+
+  flashserve::bwd::BwdParams p{};
+  p.q = qp.data_ptr(); p.k = kp.data_ptr(); p.v = vp.data_ptr(); p.o = op.data_ptr(); p.dout = dop.data_ptr();
+  p.q_row_stride = qp.stride(0); p.q_head_stride = qp.stride(1);
+  p.k_row_stride = kp.stride(0); p.k_head_stride = kp.stride(1);
+  p.v_row_stride = vp.stride(0); p.v_head_stride = vp.stride(1);
+  p.o_row_stride = op.stride(0); p.o_head_stride = op.stride(1);
+  p.do_row_stride = dop.stride(0); p.do_head_stride = dop.stride(1);
+  p.lse = lse.data_ptr<float>();
+  p.cu_seqlens_q = cuq.data_ptr<int>(); p.cu_seqlens_k = cuk.data_ptr<int>();
+  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  p.total_q = (int)total_q; p.total_k = (int)total_k; p.b = (int)batch; p.h = (int)h; p.h_k = (int)h_k;
+  p.d = (int)d8; p.max_seqlen_q = (int)max_seqlen_q; p.max_seqlen_k = (int)max_seqlen_k;
+  p.is_bf16 = dt == at::kBFloat16;
+  p.scale = (float)softmax_scale; p.softcap = (float)softcap;
+  p.window_left = window_left < 0 ? -1 : (int)window_left;
+  p.window_right = causal ? 0 : (window_right < 0 ? -1 : (int)window_right);
+  at::Tensor alibi;
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    alibi = alibi_slopes->contiguous();
+    TORCH_CHECK(alibi.scalar_type() == at::kFloat && alibi.is_cuda(), "bwd: alibi_slopes must be float32 on the GPU");
+    TORCH_CHECK((alibi.dim() == 1 && alibi.size(0) == h) || (alibi.dim() == 2 && alibi.size(0) == batch && alibi.size(1) == h),
+                "bwd: alibi_slopes must be (heads_q,) or (batch, heads_q)");
+    p.alibi = alibi.data_ptr<float>(); p.alibi_batch_stride = alibi.dim() == 2 ? h : 0;
+  }
+  p.p_drop = (float)dropout_p; p.seed = (uint64_t)seed; p.offset = (uint64_t)offset;
+  p.deterministic = deterministic;
+  int n_sm = 0;
+  cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, q.get_device());
+  p.num_sms = n_sm > 0 ? n_sm : 132;
+
+  flashserve::bwd::BwdWorkspace ws{};
+  std::string msg = flashserve::bwd::plan(p, &ws);
+  TORCH_CHECK(msg.empty(), msg);
+  auto fopts = q.options().dtype(at::kFloat);
+  at::Tensor dsum = at::empty({(int64_t)ws.dsum_floats}, fopts);
+  at::Tensor dq_accum = at::empty({(int64_t)ws.dq_accum_floats}, fopts);
+  at::Tensor dk_accum, dv_accum;
+  if (ws.dkv_accum_floats) {
+    dk_accum = at::empty({(int64_t)ws.dkv_accum_floats}, fopts);
+    dv_accum = at::empty({(int64_t)ws.dkv_accum_floats}, fopts);
+    p.dk_accum = dk_accum.data_ptr<float>(); p.dv_accum = dv_accum.data_ptr<float>();
+  }
+  p.dsum = dsum.data_ptr<float>(); p.dq_accum = dq_accum.data_ptr<float>();
+  msg = flashserve::bwd::run(p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(msg.empty(), msg);
+  if (d8 != d) {
+    dq = dq.narrow(2, 0, d); dk = dk.narrow(2, 0, d); dv = dv.narrow(2, 0, d);
+  }
+  return {dq, dk, dv};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("bwd", &bwd, "flashserve backward (harness)"); }
+"""
+
+_BWD = None
+
+
+def _env_list(name, default):
+    raw = os.environ.get(name, "").strip()
+    return [x.strip().lower() for x in raw.split(",") if x.strip()] if raw else list(default)
+
+
+def compiled_head_dims():
+    return sorted(int(x) for x in _env_list("FLASHSERVE_HEADDIMS", HEAD_DIMS))
+
+
+def compiled_dtypes():
+    names = _env_list("FLASHSERVE_DTYPES", ("fp16", "bf16"))
+    return [{"fp16": torch.float16, "bf16": torch.bfloat16}[n] for n in names]
+
+
+def get_bwd():
+    global _BWD
+    if _BWD is not None:
+        return _BWD
+    if os.environ.get("FLASHSERVE_BWD_HARNESS") != "1":
+        try:
+            import flashserve._C as C  # noqa: N812
+
+            if hasattr(C, "bwd"):
+                _BWD = C.bwd
+                return _BWD
+        except ImportError:
+            pass
+    from torch.utils.cpp_extension import load
+
+    build = os.environ.get("FLASHSERVE_BWD_BUILD", os.path.join(REPO, "build", "bwd_harness"))
+    os.makedirs(build, exist_ok=True)
+    binding = os.path.join(build, "bwd_harness.cpp")
+    if not os.path.exists(binding) or open(binding).read() != HARNESS_BINDING:
+        with open(binding, "w") as f:
+            f.write(HARNESS_BINDING)
+    defines = [f"-DFLASHSERVE_HD_{hd}" for hd in compiled_head_dims()]
+    defines += [f"-DFLASHSERVE_DT_{n.upper()}" for n in _env_list("FLASHSERVE_DTYPES", ("fp16", "bf16"))]
+    major, _ = torch.cuda.get_device_capability()
+    arch = "-gencode=arch=compute_90a,code=sm_90a" if major == 9 else "-gencode=arch=compute_80,code=sm_80"
+    srcs = [binding, os.path.join(CSRC, "bwd", "bwd_api.cu")] + sorted(glob.glob(os.path.join(CSRC, "bwd", "inst", "*.cu")))
+    mod = load(
+        name="flashserve_bwd_harness",
+        sources=srcs,
+        extra_include_paths=[CSRC],
+        extra_cflags=["-O3", "-std=c++17"] + defines,
+        extra_cuda_cflags=[arch, "-O3", "-std=c++17", "-lineinfo", "--threads=2"] + defines,
+        build_directory=build,
+        verbose=os.environ.get("FLASHSERVE_BWD_VERBOSE") == "1",
+    )
+    _BWD = mod.bwd
+    return _BWD
+
+
+# ----------------------------------------------------------------------------------------------
+# Float32 reference.
+
+
+def ref_attention(q, k, v, cu_q, cu_k, scale, causal=False, wl=-1, wr=-1, softcap=0.0, alibi=None, p_drop=0.0,
+                  seed=0, offset=0):
+    """Packed varlen attention in the dtype of q (float32 for the reference). Returns out, lse (h, total_q)."""
+    hq, hk = q.shape[1], k.shape[1]
+    grp = hq // hk
+    if causal:
+        wr = 0
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    outs, lses = [], []
+    philox = _philox() if p_drop > 0 else None
+    for b in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[b]:cu_q[b + 1]], k[cu_k[b]:cu_k[b + 1]], v[cu_k[b]:cu_k[b + 1]]
+        sq, sk = qs.shape[0], ks.shape[0]
+        if sq == 0:
+            continue
+        ke, ve = ks.repeat_interleave(grp, dim=1), vs.repeat_interleave(grp, dim=1)
+        s = torch.einsum("qhd,khd->hqk", qs, ke)
+        t = softcap * torch.tanh(s * scale / softcap) if softcap > 0 else s * scale
+        i = torch.arange(sq, device=q.device).view(-1, 1)
+        j = torch.arange(sk, device=q.device).view(1, -1)
+        if alibi is not None:
+            slope = alibi[b] if alibi.dim() == 2 else alibi
+            t = t - slope.view(-1, 1, 1) * (i + sk - sq - j).abs().to(t.dtype)
+        vis = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+        if wr >= 0:
+            vis &= j <= i + sk - sq + wr
+        if wl >= 0:
+            vis &= j >= i + sk - sq - wl
+        any_ = vis.any(-1)
+        t = t.masked_fill(~vis, float("-inf"))
+        t = torch.where(any_.view(1, -1, 1), t, torch.zeros((), device=q.device, dtype=t.dtype))
+        lse = torch.logsumexp(t, -1)
+        pr = torch.exp(t - lse.unsqueeze(-1)) * any_.view(1, -1, 1)
+        if p_drop > 0:
+            keep = philox.dropout_keep_mask(seed, offset, b * hq, hq, sq, sk, p_drop, device=q.device)
+            pr = pr * keep / (1.0 - p_drop)
+        outs.append(torch.einsum("hqk,khd->qhd", pr, ve))
+        lses.append(torch.where(any_.view(1, -1), lse, torch.full_like(lse, float("inf"))))
+    out = torch.cat(outs, 0) if outs else q.new_zeros(0, hq, v.shape[2])
+    lse = torch.cat(lses, 1) if lses else q.new_zeros(hq, 0)
+    return out, lse
+
+
+def sdpa_flash_error(q, k, v, dout, cu_q, cu_k, scale, causal):
+    """Max abs error of torch SDPA FLASH's (dq, dk, dv) on the same inputs, per sequence, against a float32
+    reference of the function it computes (causal only where seqlen_q == seqlen_k, no other features)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hq, hk = q.shape[1], k.shape[1]
+    grp = hq // hk
+    errs = [0.0, 0.0, 0.0]
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cu_q) - 1):
+        sl_q, sl_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        sq, sk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        if sq == 0 or sk == 0:
+            continue
+        is_causal = causal and sq == sk
+        res = []
+        for dtype in (q.dtype, torch.float32):
+            qs = q[sl_q].to(dtype).transpose(0, 1).unsqueeze(0).detach().requires_grad_()
+            ks = k[sl_k].to(dtype).repeat_interleave(grp, 1).transpose(0, 1).unsqueeze(0).detach().requires_grad_()
+            vs = v[sl_k].to(dtype).repeat_interleave(grp, 1).transpose(0, 1).unsqueeze(0).detach().requires_grad_()
+            backend = SDPBackend.FLASH_ATTENTION if dtype != torch.float32 else SDPBackend.MATH
+            with sdpa_kernel(backend):
+                o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=is_causal, scale=scale)
+            o.backward(dout[sl_q].to(dtype).transpose(0, 1).unsqueeze(0))
+            g = [qs.grad[0].transpose(0, 1).float()]
+            for x in (ks, vs):
+                gx = x.grad[0].transpose(0, 1).float()  # (sk, hq, d)
+                g.append(gx.view(sk, hk, grp, -1).sum(2))
+            res.append(g)
+        for n in range(3):
+            errs[n] = max(errs[n], (res[0][n] - res[1][n]).abs().max().item())
+    return errs
+
+
+# ----------------------------------------------------------------------------------------------
+# One case.
+
+
+def make_case(dtype, d, lens_q, lens_k=None, hq=4, hk=None, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(1234 + seed)
+    lens_k = lens_q if lens_k is None else lens_k
+    hk = hq if hk is None else hk
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+    tq, tk = int(cu_q[-1]), int(cu_k[-1])
+    q = torch.randn(tq, hq, d, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(tk, hk, d, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(tk, hk, d, device="cuda", generator=gen).to(dtype)
+    dout = torch.randn(tq, hq, d, device="cuda", generator=gen).to(dtype)
+    return q, k, v, dout, cu_q, cu_k, max(lens_q), max(lens_k)
+
+
+def poison_allocator(shapes, dtype):
+    """Leave NaN-filled blocks of the output sizes in torch's caching allocator, so that outputs the kernels
+    fail to write show up as NaN."""
+    blocks = [torch.full(s, float("nan"), dtype=dtype, device="cuda") for s in shapes]
+    del blocks
+
+
+def run_ours(q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, causal=False, wl=-1, wr=-1, softcap=0.0,
+             alibi=None, p_drop=0.0, seed=0, offset=0, deterministic=False):
+    poison_allocator([q.shape, k.shape, v.shape], q.dtype)
+    dq, dk, dv = get_bwd()(dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, scale, causal, wl, wr, softcap, alibi,
+                           p_drop, seed, offset, deterministic)
+    torch.cuda.synchronize()
+    return dq, dk, dv
+
+
+def check_case(dtype, d, lens_q, lens_k=None, hq=4, hk=None, causal=False, wl=-1, wr=-1, softcap=0.0,
+               alibi_mode=None, p_drop=0.0, deterministic=False, seed=0, floor=None):
+    q, k, v, dout, cu_q, cu_k, mq, mk = make_case(dtype, d, lens_q, lens_k, hq, hk, seed)
+    scale = 1.0 / math.sqrt(d)
+    alibi = None
+    if alibi_mode == "h":
+        alibi = torch.rand(hq, device="cuda") * 0.3
+    elif alibi_mode == "bh":
+        alibi = torch.rand(len(lens_q), hq, device="cuda") * 0.3
+    rng = dict(seed=0x1234_5678_9ABC + seed, offset=77 + seed) if p_drop > 0 else dict(seed=0, offset=0)
+    feats = dict(causal=causal, wl=wl, wr=wr, softcap=softcap, alibi=alibi, p_drop=p_drop, **rng)
+
+    qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
+    out_f, lse = ref_attention(qf, kf, vf, cu_q, cu_k, scale, **feats)
+    out_f.backward(dout.float())
+    ref = (qf.grad, kf.grad, vf.grad)
+    out = out_f.detach().to(dtype)
+    lse = lse.detach().float().contiguous()
+
+    ours = run_ours(q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, deterministic=deterministic, **feats)
+    base = sdpa_flash_error(q, k, v, dout, cu_q, cu_k, scale, causal)
+    report = []
+    for name, a, r, e_sdpa in zip(("dq", "dk", "dv"), ours, ref, base):
+        assert a.shape == r.shape and a.dtype == dtype, (name, a.shape, r.shape, a.dtype)
+        err = (a.float() - r).abs().max().item() if a.numel() else 0.0
+        fl = floor if floor is not None else 2e-3 * max(1.0, r.abs().max().item() if r.numel() else 0.0) * (
+            1.0 if dtype == torch.bfloat16 else 0.25)
+        bound = 2.0 * e_sdpa + fl
+        report.append((name, err, e_sdpa, bound))
+        rep = os.environ.get("FLASHSERVE_BWD_REPORT")
+        if rep:
+            with open(rep, "a") as f:
+                f.write(f"{str(dtype)[6:]:8s} d={d:3d} lens_q={lens_q} lens_k={lens_k} hq={hq} hk={hk} causal={causal} "
+                        f"wl={wl} wr={wr} softcap={softcap} alibi={alibi_mode} p={p_drop} det={deterministic} "
+                        f"{name}: ours {err:.3e} sdpa {e_sdpa:.3e} bound {bound:.3e}\n")
+        assert torch.isfinite(a).all(), f"{name}: non-finite values (unwritten or NaN)"
+        assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (sdpa flash {e_sdpa:.3e}); {report}"
+    return report, (q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, feats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests.
+
+DTYPES = [torch.bfloat16, torch.float16]
+VARLEN = [1, 17, 128, 0, 300, 65]
+
+
+def _skip_uncompiled(dtype, d):
+    cls = next(c for c in HEAD_DIMS if c >= (d + 7) // 8 * 8)
+    if cls not in compiled_head_dims() or dtype not in compiled_dtypes():
+        pytest.skip(f"head-dim class {cls} / {dtype} not compiled")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_head_dims_varlen(dtype, d, causal):
+    _skip_uncompiled(dtype, d)
+    check_case(dtype, d, VARLEN, causal=causal)
+
+
+@pytest.mark.parametrize("d", [40, 59, 72])
+def test_odd_head_dims(d):
+    _skip_uncompiled(torch.bfloat16, d)
+    check_case(torch.bfloat16, d, [33, 200], causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_seqlen_q_ne_k(dtype, causal):
+    _skip_uncompiled(dtype, 128)
+    check_case(dtype, 128, [5, 64, 200, 0, 1], [17, 300, 129, 9, 0], causal=causal)
+    check_case(dtype, 128, [300, 7], [40, 130], causal=causal)  # more queries than keys: empty rows
+
+
+@pytest.mark.parametrize("hq,hk", [(8, 2), (8, 1)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gqa(hq, hk, d):
+    _skip_uncompiled(torch.bfloat16, d)
+    check_case(torch.bfloat16, d, [100, 1, 260], [140, 33, 260], hq=hq, hk=hk, causal=True)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout(d, causal):
+    _skip_uncompiled(torch.bfloat16, d)
+    check_case(torch.bfloat16, d, [130, 1, 77, 0], [200, 5, 77, 3], hq=4, hk=2, causal=causal, p_drop=0.17)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_window_softcap_alibi(d):
+    _skip_uncompiled(torch.bfloat16, d)
+    check_case(torch.bfloat16, d, [200, 31, 300], wl=40, wr=7)
+    check_case(torch.bfloat16, d, [200, 31, 300], [250, 31, 90], causal=True, wl=50)
+    check_case(torch.bfloat16, d, [200, 31], softcap=3.0, causal=True)
+    check_case(torch.bfloat16, d, [200, 31], [160, 31], alibi_mode="h", causal=True)
+    check_case(torch.bfloat16, d, [200, 31], alibi_mode="bh", softcap=5.0, wl=64, wr=0, p_drop=0.1, hq=4, hk=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_long(dtype):
+    _skip_uncompiled(dtype, 128)
+    check_case(dtype, 128, [1000, 4097], causal=True, hq=2)
+    check_case(dtype, 128, [2048], [1536], causal=False, hq=2)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_deterministic(d):
+    _skip_uncompiled(torch.bfloat16, d)
+    report, args = check_case(torch.bfloat16, d, [1000, 17, 0, 513], [900, 40, 3, 513], hq=4, hk=2, causal=True,
+                              deterministic=True)
+    q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, feats = args
+    a = run_ours(q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, deterministic=True, **feats)
+    b = run_ours(q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, deterministic=True, **feats)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), "deterministic mode differs between two runs"
+
+
+def test_rows_past_last_sequence_written():
+    """Rows past cu_seqlens[-1] belong to no sequence: their gradients are written as 0."""
+    _skip_uncompiled(torch.bfloat16, 64)
+    q, k, v, dout, cu_q, cu_k, mq, mk = make_case(torch.bfloat16, 64, [50, 70], hq=4, hk=2)
+    cu_q2, cu_k2 = cu_q.clone(), cu_k.clone()
+    cu_q2[-1] -= 10
+    cu_k2[-1] -= 20
+    out = torch.randn_like(q)
+    lse = torch.randn(4, q.shape[0], device="cuda")
+    dq, dk, dv = run_ours(q, k, v, out, lse, dout, cu_q2, cu_k2, mq, mk, 0.125)
+    for x in (dq, dk, dv):
+        assert torch.isfinite(x).all()
+    assert (dq[-10:] == 0).all() and (dk[-20:] == 0).all() and (dv[-20:] == 0).all()
+
+
+def test_bad_input_message():
+    _skip_uncompiled(torch.bfloat16, 64)
+    q, k, v, dout, cu_q, cu_k, mq, mk = make_case(torch.bfloat16, 64, [10], hq=3, hk=2)
+    lse = torch.zeros(3, q.shape[0], device="cuda")
+    with pytest.raises(RuntimeError, match="multiple of heads_k"):
+        get_bwd()(dout, q, k, v, q, lse, cu_q, cu_k, mq, mk, 0.1, False, -1, -1, 0.0, None, 0.0, 0, 0, False)
+
+
+SANITIZER_CASE = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import test_bwd_kernels as t
+    for d in {dims!r}:
+        t.check_case(torch.bfloat16, d, [70, 1, 0], [150, 9, 4], hq=4, hk=2, causal=True, p_drop=0.1, floor=1.0)
+        t.check_case(torch.bfloat16, d, [70, 33], hq=2, deterministic=True, floor=1.0)
+    print("SANITIZER_CASE_DONE")
+""")
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer(tool):
+    dims = [d for d in (64, 256) if d in compiled_head_dims()]
+    if not dims or torch.bfloat16 not in compiled_dtypes():
+        pytest.skip("no compiled class")
+    get_bwd()  # build outside the sanitizer
+    code = SANITIZER_CASE.format(tests=os.path.dirname(os.path.abspath(__file__)), dims=dims)
+    cmd = ["compute-sanitizer", f"--tool={tool}", "--error-exitcode=3", "--kernel-name", "regex:bwd_",
+           sys.executable, "-c", code]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    tail = (r.stdout + r.stderr)[-4000:]
+    assert r.returncode == 0 and "SANITIZER_CASE_DONE" in r.stdout, tail
+    assert "ERROR SUMMARY: 0 errors" in r.stdout + r.stderr or "RACECHECK SUMMARY: 0 hazards" in r.stdout + r.stderr, tail
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark (not a test): python tests/gpu/test_bwd_kernels.py --bench [--json PATH]
+
+
+def _time_ms(fn, iters=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bench_rows(rows, dtype=torch.bfloat16, tokens=16384):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out_rows = []
+    for d, seqlen, causal in rows:
+        if d not in compiled_head_dims():
+            continue
+        heads = 2048 // d
+        batch = tokens // seqlen
+        scale = 1.0 / math.sqrt(d)
+        q = torch.randn(batch, heads, seqlen, d, device="cuda", dtype=dtype)
+        k, v, do = torch.randn_like(q), torch.randn_like(q), torch.randn_like(q)
+        flops = 2.5 * 4 * batch * heads * seqlen * seqlen * d / (2 if causal else 1)
+        res = {"op": "bwd", "dtype": str(dtype).split(".")[-1], "head_dim": d, "batch": batch, "heads": heads,
+               "seqlen_q": seqlen, "seqlen_k": seqlen, "causal": causal}
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+                with sdpa_kernel(backend):
+                    o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+                ms = _time_ms(lambda: torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True))
+                res[f"{name}_tflops"] = flops / ms / 1e9
+            except Exception:  # noqa: BLE001 - a backend that cannot run the row
+                res[f"{name}_tflops"] = None
+        # Ours: packed layout; O and LSE from SDPA flash (the same function).
+        qp, kp, vp, dop = (x.transpose(1, 2).reshape(batch * seqlen, heads, d).contiguous() for x in (q, k, v, do))
+        cu = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seqlen
+        s_lse = torch.empty(heads, batch * seqlen, device="cuda")
+        outp = torch.empty_like(qp)
+        for bi in range(batch):  # O and LSE in float32, one sequence at a time
+            qf = q[bi].float()
+            s = torch.einsum("hqd,hkd->hqk", qf, k[bi].float()) * scale
+            if causal:
+                s.masked_fill_(torch.ones(seqlen, seqlen, device="cuda", dtype=torch.bool).triu(1), float("-inf"))
+            lse = torch.logsumexp(s, -1)
+            outp[bi * seqlen:(bi + 1) * seqlen] = torch.einsum("hqk,hkd->qhd", torch.exp(s - lse[..., None]),
+                                                               v[bi].float()).to(dtype)
+            s_lse[:, bi * seqlen:(bi + 1) * seqlen] = lse
+            del s
+        bwd = get_bwd()
+        for det in (False, True):
+            ms = _time_ms(lambda: bwd(dop, qp, kp, vp, outp, s_lse, cu, cu, seqlen, seqlen, scale, causal, -1, -1, 0.0,
+                                      None, 0.0, 0, 0, det))
+            res["ours_det_tflops" if det else "ours_tflops"] = flops / ms / 1e9
+        out_rows.append(res)
+        torch.cuda.empty_cache()
+    return out_rows
+
+
+BENCH_GRID = [(64, 1024, False), (64, 4096, False), (64, 4096, True), (128, 1024, False), (128, 2048, True),
+              (128, 4096, False), (128, 8192, False), (128, 8192, True), (256, 4096, False), (256, 8192, True)]
+
+if __name__ == "__main__":
+    import json
+
+    if "--bench" in sys.argv:
+        rows = bench_rows(BENCH_GRID)
+        if "--json" in sys.argv:
+            with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+                json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                           "rows": rows}, f, indent=1)
+        fmt = lambda x: "  -  " if x is None else f"{x:6.1f}"  # noqa: E731
+        print("bwd  d  seqlen causal |  ours  det  | flash cudnn | ours/flash det/ours")
+        for r in rows:
+            fl = r["sdpa_flash_tflops"]
+            print(f"bwd {r['head_dim']:3d} {r['seqlen_q']:6d} {str(r['causal']):5s} | {fmt(r['ours_tflops'])} "
+                  f"{fmt(r['ours_det_tflops'])} | {fmt(fl)} {fmt(r['sdpa_cudnn_tflops'])} | "
+                  f"{(r['ours_tflops'] / fl if fl else float('nan')):5.2f} {r['ours_det_tflops'] / r['ours_tflops']:5.2f}")
