@@ -6,12 +6,14 @@ csrc/fwd/inst/, so ninja compiles them in parallel. Environment:
   FLASHSERVE_DTYPES    e.g. "bf16"    fp16 and/or bf16 (default: both)
   FLASHSERVE_ARCHS     e.g. "90a"     GPU targets among 80, 90a (default: "80,90a")
   FLASHSERVE_NVCC_THREADS             nvcc --threads (default 2)
+  FLASHSERVE_NVCC_FLAGS               extra nvcc flags (tuning builds, e.g. "-DFS_BM_256=64 -DFS_NW_256=4")
 Run `python csrc/build_config.py` to (re)write the generated files without building.
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 DTYPES = {"fp16": "__half", "bf16": "__nv_bfloat16"}
@@ -81,8 +83,14 @@ def sources(repo_root):
         for dt in selected_dtypes():
             for (full, split) in VARIANTS:
                 srcs.append(rel(os.path.join(INST_DIR, inst_name(hd, dt, full, split))))
-    # Backward kernels (csrc/bwd/, owned separately) join automatically when present.
-    srcs += sorted(rel(p) for p in glob.glob(os.path.join(CSRC, "bwd", "**", "*.cu"), recursive=True))
+    # Backward kernels (csrc/bwd/, owned separately) join automatically when present; per-(hd, dtype) files
+    # named *_hd<N>_<dtype>.cu are left out when the build does not select that combination.
+    hds, dts = set(selected_head_dims()), set(selected_dtypes())
+    for p in sorted(glob.glob(os.path.join(CSRC, "bwd", "**", "*.cu"), recursive=True)):
+        m = re.search(r"_hd(\d+)_(fp16|bf16)", os.path.basename(p))
+        if m and (int(m.group(1)) not in hds or m.group(2) not in dts):
+            continue
+        srcs.append(rel(p))
     return srcs
 
 
@@ -105,7 +113,8 @@ def nvcc_flags():
         f"--threads={os.environ.get('FLASHSERVE_NVCC_THREADS', '2')}",
         "-lineinfo",
     ]
-    return flags + defines()
+    extra = os.environ.get("FLASHSERVE_NVCC_FLAGS", "").split()
+    return flags + defines() + extra
 
 
 def make_extension(repo_root):

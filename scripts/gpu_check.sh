@@ -31,7 +31,7 @@ fi
 python3 -c "from flashserve import _C; print('compiled:', _C.compiled_configs())" || exit 1
 
 # shellcheck disable=SC2086
-python3 -m pytest -q -rs -p no:cacheprovider $(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=1500) ${GPU_CHECK_TESTS:-tests/gpu} \
+python3 -m pytest -q -rs -p no:cacheprovider --confcutdir=tests/gpu --continue-on-collection-errors $(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=1500) ${GPU_CHECK_TESTS:-tests/gpu} \
   2>&1 | tee "$OUT_DIR/tests.log" | grep -vE "^\s*$" | tail -40
 [ "${PIPESTATUS[0]}" = "0" ] || status=1
 

@@ -36,14 +36,69 @@ struct FwdTraits {
   static_assert(HD % 16 == 0 && BN % 16 == 0, "tile shapes");
 };
 
-// Head-dim classes and their tiles (BM, BN, warps).
+// Head-dim classes and their tiles (BM, BN, warps). Tuning builds may override one class with
+// -DFS_BM_<hd>=.. -DFS_BN_<hd>=.. -DFS_NW_<hd>=.. (nvcc splits -D values at commas, hence three macros).
+#ifndef FS_BM_32
+#define FS_BM_32 128
+#endif
+#ifndef FS_BN_32
+#define FS_BN_32 128
+#endif
+#ifndef FS_NW_32
+#define FS_NW_32 4
+#endif
+#ifndef FS_BM_64
+#define FS_BM_64 128
+#endif
+#ifndef FS_BN_64
+#define FS_BN_64 128
+#endif
+#ifndef FS_NW_64
+#define FS_NW_64 4
+#endif
+#ifndef FS_BM_96
+#define FS_BM_96 128
+#endif
+#ifndef FS_BN_96
+#define FS_BN_96 64
+#endif
+#ifndef FS_NW_96
+#define FS_NW_96 4
+#endif
+#ifndef FS_BM_128
+#define FS_BM_128 128
+#endif
+#ifndef FS_BN_128
+#define FS_BN_128 64
+#endif
+#ifndef FS_NW_128
+#define FS_NW_128 4
+#endif
+#ifndef FS_BM_192
+#define FS_BM_192 128
+#endif
+#ifndef FS_BN_192
+#define FS_BN_192 64
+#endif
+#ifndef FS_NW_192
+#define FS_NW_192 8
+#endif
+#ifndef FS_BM_256
+#define FS_BM_256 128
+#endif
+#ifndef FS_BN_256
+#define FS_BN_256 64
+#endif
+#ifndef FS_NW_256
+#define FS_NW_256 8
+#endif
 template <int HD> struct FwdConfig;
-template <> struct FwdConfig<32> { using Traits = FwdTraits<32, 128, 128, 4>; };
-template <> struct FwdConfig<64> { using Traits = FwdTraits<64, 128, 128, 4>; };
-template <> struct FwdConfig<96> { using Traits = FwdTraits<96, 128, 64, 4>; };
-template <> struct FwdConfig<128> { using Traits = FwdTraits<128, 128, 64, 4>; };
-template <> struct FwdConfig<192> { using Traits = FwdTraits<192, 128, 64, 8>; };
-template <> struct FwdConfig<256> { using Traits = FwdTraits<256, 128, 64, 8>; };
+template <> struct FwdConfig<32> { using Traits = FwdTraits<32, FS_BM_32, FS_BN_32, FS_NW_32>; };
+template <> struct FwdConfig<64> { using Traits = FwdTraits<64, FS_BM_64, FS_BN_64, FS_NW_64>; };
+template <> struct FwdConfig<96> { using Traits = FwdTraits<96, FS_BM_96, FS_BN_96, FS_NW_96>; };
+template <> struct FwdConfig<128> { using Traits = FwdTraits<128, FS_BM_128, FS_BN_128, FS_NW_128>; };
+template <> struct FwdConfig<192> { using Traits = FwdTraits<192, FS_BM_192, FS_BN_192, FS_NW_192>; };
+template <> struct FwdConfig<256> { using Traits = FwdTraits<256, FS_BM_256, FS_BN_256, FS_NW_256>; };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 

@@ -90,26 +90,86 @@ def reference(q, k, v, q_lens, k_lens, scale, causal=False, wl=-1, wr=-1, softca
     return out, lse, probs
 
 
-def sdpa_flash_error(q, k, v, q_lens, k_lens, scale, causal):
-    """max |SDPA FLASH - fp32 ref| over the sequences SDPA can run (plain or square-causal attention)."""
+def _bias_cols(bias, scale, dtype):
+    """Two extra key columns (hi, lo) in `dtype` with scale * (hi + lo) ~= bias (fp32): an additive per-key
+    logit bias expressed through SDPA FLASH's plain dot product (the query gets two columns of ones)."""
+    x = bias / scale
+    hi = x.to(dtype)
+    lo = (x - hi.float()).to(dtype)
+    return torch.stack([hi, lo], dim=-1)
+
+
+def _sdpa_flash(q, k, v, scale, causal, bias=None):
+    """q (B, H, Sq, D), k/v (B, H, Sk, D); bias None or fp32 (B, H, Sk) per-key logit bias."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    d = q.shape[-1]
+    if bias is not None:
+        q = torch.cat([q, torch.ones(*q.shape[:-1], 2, dtype=q.dtype, device=q.device)], dim=-1)
+        k = torch.cat([k, _bias_cols(bias, scale, k.dtype)], dim=-1)
+        v = F.pad(v, (0, 2))
+    pad = (-q.shape[-1]) % 8
+    q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return o[..., :d].float()
+
+
+def sdpa_flash_error(q, k, v, q_lens, k_lens, scale, causal=False, wl=-1, wr=-1, alibi=None):
+    """max |SDPA FLASH - fp32 ref| on the same inputs, same mask and ALiBi (softcap/dropout excluded).
+
+    SDPA FLASH has no windows, no bottom-right causal and no bias, so the same function is expressed:
+    bottom-right causal = top-left causal on zero-padded (or trimmed) queries; under causal, ALiBi is a
+    per-key bias slope*j (the row term cancels in softmax), put in two extra head-dim columns; windows:
+    each query row with its gathered visible keys (rows grouped by key count) as its own batch entry."""
     h, hk, d = q.shape[1], k.shape[1], q.shape[2]
-    pad = (-d) % 8
+    if causal:
+        wr = 0
+    ref, _, _ = reference(q, k, v, q_lens, k_lens, scale, wl=wl, wr=wr, alibi=alibi)
     err = 0.0
     q0 = k0 = 0
-    for sq, sk in zip(q_lens, k_lens):
-        if sq > 0 and sk > 0:
-            use_causal = causal and sq == sk
-            qs, ks, vs = q[q0:q0 + sq], k[k0:k0 + sk], v[k0:k0 + sk]
-            ref, _, _ = reference(qs, ks, vs, [sq], [sk], scale, causal=use_causal)
-            ks = ks.repeat_interleave(h // hk, dim=1)
-            vs = vs.repeat_interleave(h // hk, dim=1)
-            args = [F.pad(x, (0, pad)).transpose(0, 1)[None] for x in (qs, ks, vs)]
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                o = F.scaled_dot_product_attention(*args, is_causal=use_causal, scale=scale)
-            o = o[0].transpose(0, 1)[..., :d].float()
-            err = max(err, (o - ref).abs().max().item())
+    for b, (sq, sk) in enumerate(zip(q_lens, k_lens)):
+        if sq == 0 or sk == 0:
+            q0 += sq
+            k0 += sk
+            continue
+        qs = q[q0:q0 + sq]
+        ks = k[k0:k0 + sk].repeat_interleave(h // hk, dim=1)
+        vs = v[k0:k0 + sk].repeat_interleave(h // hk, dim=1)
+        slope = None if alibi is None else (alibi[b] if alibi.dim() == 2 else alibi).float()
+        kb, vb = ks.transpose(0, 1)[None], vs.transpose(0, 1)[None]  # (1, h, sk, d)
+        if wl < 0 and wr < 0 and slope is None:
+            o = _sdpa_flash(qs.transpose(0, 1)[None], kb, vb, scale, False)[0].transpose(0, 1)
+            err = max(err, (o - ref[q0:q0 + sq]).abs().max().item())
+        elif wl < 0 and wr == 0:
+            diag = sk - sq
+            bias = None
+            if slope is not None:
+                bias = (slope[:, None] * torch.arange(sk, device=DEV).float()[None])[None]  # (1, h, sk)
+            if diag >= 0:
+                qp = torch.cat([torch.zeros(diag, h, d, dtype=q.dtype, device=DEV), qs])
+                o = _sdpa_flash(qp.transpose(0, 1)[None], kb, vb, scale, True, bias)[0].transpose(0, 1)[diag:]
+                err = max(err, (o - ref[q0:q0 + sq]).abs().max().item())
+            else:
+                o = _sdpa_flash(qs[-diag:].transpose(0, 1)[None], kb, vb, scale, True, bias)[0].transpose(0, 1)
+                err = max(err, (o - ref[q0 - diag:q0 + sq]).abs().max().item())
+        else:
+            i = torch.arange(sq, device=DEV)
+            lo = (i + sk - sq - wl).clamp_min(0) if wl >= 0 else torch.zeros_like(i)
+            hi = (i + sk - sq + wr).clamp_max(sk - 1) if wr >= 0 else torch.full_like(i, sk - 1)
+            n = hi - lo + 1
+            for cnt in torch.unique(n[n > 0]).tolist():
+                rows = torch.nonzero(n == cnt).flatten()
+                idx = lo[rows][:, None] + torch.arange(cnt, device=DEV)[None]  # (R, cnt)
+                kg = ks[idx].permute(0, 2, 1, 3)  # (R, h, cnt, d)
+                vg = vs[idx].permute(0, 2, 1, 3)
+                qg = qs[rows][:, :, None]  # (R, h, 1, d)
+                bias = None
+                if slope is not None:
+                    dist = (rows[:, None] + sk - sq - idx).abs().float()  # (R, cnt)
+                    bias = -slope[None, :, None] * dist[:, None, :]  # (R, h, cnt)
+                o = _sdpa_flash(qg, kg, vg, scale, False, bias)[:, :, 0]  # (R, h, d)
+                err = max(err, (o - ref[q0 + rows]).abs().max().item())
         q0 += sq
         k0 += sk
     return err
@@ -166,7 +226,7 @@ def test_varlen(fs_C, case_dtype, case_d, causal, splits):
     scale = case_d ** -0.5
     out, lse, _ = run_fwd(fs_C, q, k, v, Q_LENS, K_LENS, scale, causal=causal, num_splits=splits)
     ref_out, ref_lse, _ = reference(q, k, v, Q_LENS, K_LENS, scale, causal=causal)
-    base = sdpa_flash_error(q, k, v, Q_LENS, K_LENS, scale, causal)
+    base = sdpa_flash_error(q, k, v, Q_LENS, K_LENS, scale, causal=causal)
     check(out, lse, ref_out, ref_lse, 2 * base + 1e-5, f"varlen d={case_d} causal={causal} splits={splits}")
 
 
@@ -184,7 +244,7 @@ def test_uneven_and_window(fs_C, compiled, causal, wl, wr, splits):
             out, lse, _ = run_fwd(fs_C, q, k, v, q_lens, k_lens, scale, causal=causal, wl=wl, wr=wr,
                                   num_splits=splits)
             ref_out, ref_lse, _ = reference(q, k, v, q_lens, k_lens, scale, causal=causal, wl=wl, wr=wr)
-            base = sdpa_flash_error(q, k, v, q_lens, k_lens, scale, False)
+            base = sdpa_flash_error(q, k, v, q_lens, k_lens, scale, causal=causal, wl=wl, wr=wr)
             check(out, lse, ref_out, ref_lse, 2 * base + 1e-5,
                   f"uneven {dtype} d={d} causal={causal} w=({wl},{wr}) splits={splits}")
 
@@ -212,7 +272,8 @@ def test_softcap_alibi(fs_C, compiled, feature, splits):
                 causal = False
             out, lse, _ = run_fwd(fs_C, q, k, v, q_lens, k_lens, scale, causal=causal, num_splits=splits, **kw)
             ref_out, ref_lse, _ = reference(q, k, v, q_lens, k_lens, scale, causal=causal, **kw)
-            base = sdpa_flash_error(q, k, v, q_lens, k_lens, scale, False)
+            base = sdpa_flash_error(q, k, v, q_lens, k_lens, scale, causal=causal, wl=kw.get("wl", -1),
+                                    wr=kw.get("wr", -1), alibi=kw.get("alibi"))
             check(out, lse, ref_out, ref_lse, 2 * base + 1e-5, f"{feature} {dtype} d={d} splits={splits}")
 
 
@@ -227,7 +288,7 @@ def test_odd_head_dim_noncontiguous(fs_C, compiled):
     q, k, v = qkv.unbind(1)
     out, lse, _ = run_fwd(fs_C, q, k, v, lens, lens, d ** -0.5, causal=True)
     ref_out, ref_lse, _ = reference(q, k, v, lens, lens, d ** -0.5, causal=True)
-    base = sdpa_flash_error(q.contiguous(), k.contiguous(), v.contiguous(), lens, lens, d ** -0.5, True)
+    base = sdpa_flash_error(q.contiguous(), k.contiguous(), v.contiguous(), lens, lens, d ** -0.5, causal=True)
     check(out, lse, ref_out, ref_lse, 2 * base + 1e-5, f"odd d={d}")
 
 
@@ -310,7 +371,7 @@ def test_dropout_matches_reference_and_philox(fs_C, compiled, causal):
                               offset=offset, return_softmax=True)
         keep = [~torch.signbit(s[b]) for b in range(len(q_lens))]
         ref_out, ref_lse, probs = reference(q, k, v, q_lens, k_lens, scale, causal=causal, keep=keep, p_drop=p)
-        base = sdpa_flash_error(q, k, v, q_lens, k_lens, scale, False) / (1 - p)
+        base = sdpa_flash_error(q, k, v, q_lens, k_lens, scale, causal=causal) / (1 - p)
         check(out, lse, ref_out, ref_lse, 2 * base + 1e-5, f"dropout {dtype} causal={causal}")
         for b, (sq, sk) in enumerate(zip(q_lens, k_lens)):
             if sq == 0:
