@@ -93,8 +93,9 @@ __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Tile shapes per head-dim class. 8 warps; warp w owns keys 16*(w % WK) .. +16 of the block and, for
-// dK/dV, head-dim columns DW*(w / WK) .. +DW.
+// Tile shapes per head-dim class. 8 warps as WK x WD; warp w owns keys KW*(w % WK) .. +KW of the block (MT
+// m-tiles of 16) and, for dK/dV, head-dim columns DW*(w / WK) .. +DW; in S^T / dP^T it computes its keys x
+// QW queries starting at QW*(w / WK).
 template <int kD_, int kStages_>
 struct Traits {
   static constexpr int kD = kD_;
@@ -104,8 +105,10 @@ struct Traits {
   static constexpr int Br = 64;               // queries per iteration
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int WK = Bc / 16;
+  static constexpr int WK = 4;
   static constexpr int WD = kWarps / WK;
+  static constexpr int KW = Bc / WK;  // keys per warp
+  static constexpr int MT = KW / 16;  // m-tiles per warp
   static constexpr int QW = Br / WD;  // queries per warp in S^T / dP^T
   static constexpr int DW = kD / WD;  // dK/dV columns per warp
   static constexpr int MQ = Br / 16;  // warps along query rows in dQ
@@ -177,7 +180,7 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
 
   // Warp roles.
   const int wk = warp % Tr::WK, wd = warp / Tr::WK;
-  const int kw0 = wk * 16;        // first key (in block) of this warp
+  const int kw0 = wk * Tr::KW;    // first key (in block) of this warp
   const int qw0 = wd * Tr::QW;    // first query (in tile) of this warp's S^T slice
   const int dw0 = wd * Tr::DW;    // first dK/dV column of this warp
   const int qm0 = (warp % Tr::MQ) * 16;  // dQ rows of this warp
@@ -234,11 +237,13 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
       }
     };
 
-    float dk[Tr::DW / 8][4], dv[Tr::DW / 8][4];
+    float dk[Tr::MT][Tr::DW / 8][4], dv[Tr::MT][Tr::DW / 8][4];
 #pragma unroll
-    for (int n = 0; n < Tr::DW / 8; ++n)
+    for (int mi = 0; mi < Tr::MT; ++mi)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+      for (int n = 0; n < Tr::DW / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[mi][n][e] = dv[mi][n][e] = 0.f;
 
     if (m_begin < m_end) {
       load_kv();
@@ -270,25 +275,33 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
       const int i0 = m * Br;
 
       // ---- S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x QW queries.
-      float s[Tr::QW / 8][4], dp[Tr::QW / 8][4];
+      float s[Tr::MT][Tr::QW / 8][4], dp[Tr::MT][Tr::QW / 8][4];
 #pragma unroll
-      for (int n = 0; n < Tr::QW / 8; ++n)
+      for (int mi = 0; mi < Tr::MT; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+        for (int n = 0; n < Tr::QW / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mi][n][e] = dp[mi][n][e] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
-        uint32_t a[4], av[4];
-        ldsm4(a, sK + ((kw0 + lrow_a) * kRow + kk * 16 + lcol_a) * 2);
-        ldsm4(av, sV + ((kw0 + lrow_a) * kRow + kk * 16 + lcol_a) * 2);
+        uint32_t a[Tr::MT][4], av[Tr::MT][4];
+#pragma unroll
+        for (int mi = 0; mi < Tr::MT; ++mi) {
+          ldsm4(a[mi], sK + ((kw0 + mi * 16 + lrow_a) * kRow + kk * 16 + lcol_a) * 2);
+          ldsm4(av[mi], sV + ((kw0 + mi * 16 + lrow_a) * kRow + kk * 16 + lcol_a) * 2);
+        }
 #pragma unroll
         for (int np = 0; np < Tr::QW / 16; ++np) {
           uint32_t bq[4], bo[4];
           ldsm4(bq, sQ + ((qw0 + np * 16 + lrow_b) * kRow + kk * 16 + lcol_b) * 2);
           ldsm4(bo, sdO + ((qw0 + np * 16 + lrow_b) * kRow + kk * 16 + lcol_b) * 2);
-          Mma::run(s[2 * np], a, bq[0], bq[1]);
-          Mma::run(s[2 * np + 1], a, bq[2], bq[3]);
-          Mma::run(dp[2 * np], av, bo[0], bo[1]);
-          Mma::run(dp[2 * np + 1], av, bo[2], bo[3]);
+#pragma unroll
+          for (int mi = 0; mi < Tr::MT; ++mi) {
+            Mma::run(s[mi][2 * np], a[mi], bq[0], bq[1]);
+            Mma::run(s[mi][2 * np + 1], a[mi], bq[2], bq[3]);
+            Mma::run(dp[mi][2 * np], av[mi], bo[0], bo[1]);
+            Mma::run(dp[mi][2 * np + 1], av[mi], bo[2], bo[3]);
+          }
         }
       }
 
@@ -296,7 +309,10 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
       const bool full = (i0 + Br <= sq) && (j0 + Bc <= sk) && (wr < 0 || j0 + Bc - 1 <= i0 + diag + wr) &&
                         (wl < 0 || j0 >= i0 + Br - 1 + diag - wl);
 #pragma unroll
+      for (int mi = 0; mi < Tr::MT; ++mi)
+#pragma unroll
       for (int n = 0; n < Tr::QW / 8; ++n) {
+        const int kr0 = kw0 + mi * 16;       // first key (in block) of this m-tile
         const int ql = qw0 + n * 8 + 2 * t;  // query in tile (and ql + 1)
         const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + ql);
         const float2 dd = *reinterpret_cast<const float2*>(ds_s + ql);
@@ -305,7 +321,7 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
           // The 4 lanes with equal (g / 4, t) need the same 4 Philox draws: (query 2t or 2t+1) x (key group
           // of row g or g + 8). Each lane draws one and they exchange.
           const int mine = g & 3;
-          const uint32_t grp = (uint32_t)((j0 + kw0) / 4 + (g >> 2) + (mine >> 1) * 2);
+          const uint32_t grp = (uint32_t)((j0 + kr0) / 4 + (g >> 2) + (mine >> 1) * 2);
           const uint32_t row = (uint32_t)(i0 + ql + (mine & 1));
           const uint32_t bits = dropout_keep4(p.seed, p.offset, seq_head, row, grp, keep_thr);
           keep_bits = 0;
@@ -320,9 +336,9 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
         float pv[4], dsv[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int kj = j0 + kw0 + g + (e >> 1) * 8;  // key index in sequence
+          const int kj = j0 + kr0 + g + (e >> 1) * 8;  // key index in sequence
           const int qi = i0 + ql + (e & 1);            // query index in sequence
-          float x = s[n][e], th = 0.f;
+          float x = s[mi][n][e], th = 0.f;
           float logit;
           if (has_softcap) {
             th = tanhf(x * scale_log2);  // accurate: P must match the forward's LSE
@@ -338,7 +354,7 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
             if (!vis) pr = 0.f;
           }
           const float dval = (e & 1) ? dd.y : dd.x;
-          float dpv = dp[n][e];
+          float dpv = dp[mi][n][e];
           float pd = pr;
           if (has_dropout) {
             const bool kept = (keep_bits >> e) & 1u;
@@ -350,7 +366,7 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
           pv[e] = pd;
           dsv[e] = dsx;
         }
-        const int r0 = kw0 + g;
+        const int r0 = kr0 + g;
         *reinterpret_cast<uint32_t*>(sP_ptr + r0 * kPRow + ql) = Mma::pack(pv[0], pv[1]);
         *reinterpret_cast<uint32_t*>(sP_ptr + (r0 + 8) * kPRow + ql) = Mma::pack(pv[2], pv[3]);
         *reinterpret_cast<uint32_t*>(sdS_ptr + r0 * kPRow + ql) = Mma::pack(dsv[0], dsv[1]);
@@ -361,18 +377,24 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
       // ---- dV += P^T dO, dK += dS^T Q (this warp: 16 keys x DW columns), k = all Br queries.
 #pragma unroll
       for (int kk = 0; kk < Br / 16; ++kk) {
-        uint32_t ap[4], as[4];
-        ldsm4(ap, sP + ((kw0 + lrow_a) * kPRow + kk * 16 + lcol_a) * 2);
-        ldsm4(as, sdS + ((kw0 + lrow_a) * kPRow + kk * 16 + lcol_a) * 2);
+        uint32_t ap[Tr::MT][4], as[Tr::MT][4];
+#pragma unroll
+        for (int mi = 0; mi < Tr::MT; ++mi) {
+          ldsm4(ap[mi], sP + ((kw0 + mi * 16 + lrow_a) * kPRow + kk * 16 + lcol_a) * 2);
+          ldsm4(as[mi], sdS + ((kw0 + mi * 16 + lrow_a) * kPRow + kk * 16 + lcol_a) * 2);
+        }
 #pragma unroll
         for (int np = 0; np < Tr::DW / 16; ++np) {
           uint32_t bo[4], bq[4];
           ldsm4t(bo, sdO + ((kk * 16 + lrow_a) * kRow + dw0 + np * 16 + lcol_a) * 2);
           ldsm4t(bq, sQ + ((kk * 16 + lrow_a) * kRow + dw0 + np * 16 + lcol_a) * 2);
-          Mma::run(dv[2 * np], ap, bo[0], bo[1]);
-          Mma::run(dv[2 * np + 1], ap, bo[2], bo[3]);
-          Mma::run(dk[2 * np], as, bq[0], bq[1]);
-          Mma::run(dk[2 * np + 1], as, bq[2], bq[3]);
+#pragma unroll
+          for (int mi = 0; mi < Tr::MT; ++mi) {
+            Mma::run(dv[mi][2 * np], ap[mi], bo[0], bo[1]);
+            Mma::run(dv[mi][2 * np + 1], ap[mi], bo[2], bo[3]);
+            Mma::run(dk[mi][2 * np], as[mi], bq[0], bq[1]);
+            Mma::run(dk[mi][2 * np + 1], as[mi], bq[2], bq[3]);
+          }
         }
       }
 
@@ -410,44 +432,30 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
 
     cp_wait_all();  // nothing in flight past this block (the last prefetch group is empty)
 
-    // ---- Write dK (scaled) and dV for this warp's keys.
-    const int ka = j0 + kw0 + g;
-    if (group == 1) {
-      T* dkg = reinterpret_cast<T*>(p.dk) + ((int64_t)k_start * p.h_k + hk) * p.d;
-      T* dvg = reinterpret_cast<T*>(p.dv) + ((int64_t)k_start * p.h_k + hk) * p.d;
-      const int64_t rs = (int64_t)p.h_k * p.d;
+    // ---- Write dK (scaled) and dV for this warp's keys: element (mi, n, e) is key kw0 + 16 mi + g + 8 (e / 2),
+    // column dw0 + 8 n + 2 t + e % 2.
+    const float sc = p.scale;
 #pragma unroll
-      for (int n = 0; n < Tr::DW / 8; ++n) {
-        const int col = dw0 + n * 8 + 2 * t;
-        if (col < p.d) {
-          if (ka < sk) {
-            *reinterpret_cast<uint32_t*>(dkg + ka * rs + col) = Mma::pack(dk[n][0] * p.scale, dk[n][1] * p.scale);
-            *reinterpret_cast<uint32_t*>(dvg + ka * rs + col) = Mma::pack(dv[n][0], dv[n][1]);
-          }
-          if (ka + 8 < sk) {
-            *reinterpret_cast<uint32_t*>(dkg + (ka + 8) * rs + col) =
-                Mma::pack(dk[n][2] * p.scale, dk[n][3] * p.scale);
-            *reinterpret_cast<uint32_t*>(dvg + (ka + 8) * rs + col) = Mma::pack(dv[n][2], dv[n][3]);
-          }
-        }
-      }
-    } else {
-      // GQA: fp32 per query head; the postprocess sums the group in a fixed order.
-      float* dka = p.dk_accum + ((int64_t)k_start * p.h + h) * p.d;
-      float* dva = p.dv_accum + ((int64_t)k_start * p.h + h) * p.d;
-      const int64_t rs = (int64_t)p.h * p.d;
+    for (int mi = 0; mi < Tr::MT; ++mi) {
 #pragma unroll
-      for (int n = 0; n < Tr::DW / 8; ++n) {
-        const int col = dw0 + n * 8 + 2 * t;
-        if (col < p.d) {
-          if (ka < sk) {
-            *reinterpret_cast<float2*>(dka + ka * rs + col) = make_float2(dk[n][0] * p.scale, dk[n][1] * p.scale);
-            *reinterpret_cast<float2*>(dva + ka * rs + col) = make_float2(dv[n][0], dv[n][1]);
-          }
-          if (ka + 8 < sk) {
-            *reinterpret_cast<float2*>(dka + (ka + 8) * rs + col) =
-                make_float2(dk[n][2] * p.scale, dk[n][3] * p.scale);
-            *reinterpret_cast<float2*>(dva + (ka + 8) * rs + col) = make_float2(dv[n][2], dv[n][3]);
+      for (int half = 0; half < 2; ++half) {
+        const int ka = j0 + kw0 + mi * 16 + g + half * 8;
+        if (ka >= sk) continue;
+#pragma unroll
+        for (int n = 0; n < Tr::DW / 8; ++n) {
+          const int col = dw0 + n * 8 + 2 * t;
+          if (col >= p.d) continue;
+          const float k0 = dk[mi][n][2 * half] * sc, k1 = dk[mi][n][2 * half + 1] * sc;
+          const float v0 = dv[mi][n][2 * half], v1 = dv[mi][n][2 * half + 1];
+          if (group == 1) {
+            const int64_t off = ((int64_t)(k_start + ka) * p.h_k + hk) * p.d + col;
+            *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dk) + off) = Mma::pack(k0, k1);
+            *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + off) = Mma::pack(v0, v1);
+          } else {
+            // GQA: fp32 per query head; the postprocess sums the group in a fixed order.
+            const int64_t off = ((int64_t)(k_start + ka) * p.h + h) * p.d + col;
+            *reinterpret_cast<float2*>(p.dk_accum + off) = make_float2(k0, k1);
+            *reinterpret_cast<float2*>(p.dv_accum + off) = make_float2(v0, v1);
           }
         }
       }
