@@ -109,6 +109,44 @@ def split_row(C, dtype, sq, reps, sk=32768, h=8, d=128):
                 ours_kv_tbps=kv_bytes / t_auto / 1e12)
 
 
+# ---- backward rows (csrc/bwd/) ----
+def sdpa_bwd_time(backend, q, k, v, do, causal, reps):
+    """Backward only: autograd.grad through one recorded SDPA forward. None where the backend refuses."""
+    from torch.nn.attention import sdpa_kernel
+
+    try:
+        qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+        return timed(lambda: torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True), reps)
+    except RuntimeError:
+        return None
+
+
+def dense_bwd_row(C, dtype, d, s, causal, reps):
+    """Backward TFLOP/s = 2.5 x the forward FLOPs / time; O and LSE from our forward; also deterministic mode."""
+    from torch.nn.attention import SDPBackend
+
+    b, h = 16384 // s, 2048 // d
+    q, k, v, do = (torch.randn(b * s, h, d, device="cuda", dtype=dtype) for _ in range(4))
+    cu = torch.arange(0, (b + 1) * s, s, device="cuda", dtype=torch.int32)
+    flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+    out, lse, _ = fwd_call(C, q, k, v, cu, cu, s, s, causal)()
+
+    def ours(det):
+        return lambda: C.bwd(do, q, k, v, out, lse, cu, cu, s, s, d ** -0.5, causal, -1, -1, 0.0, None, 0.0, 0, 0,
+                             det)
+
+    t_ours, t_det = timed(ours(False), reps), timed(ours(True), reps)
+    qb, kb, vb, dob = (x.view(b, s, h, d).transpose(1, 2) for x in (q, k, v, do))
+    t_fa = sdpa_bwd_time(SDPBackend.FLASH_ATTENTION, qb, kb, vb, dob, causal, reps)
+    t_cu = sdpa_bwd_time(SDPBackend.CUDNN_ATTENTION, qb, kb, vb, dob, causal, reps)
+    return dict(op="bwd", kind="dense", dtype=str(dtype).split(".")[-1], head_dim=d, batch=b, heads=h, seqlen_q=s,
+                seqlen_k=s, causal=causal, ours_ms=t_ours * 1e3, ours_tflops=tflops(flops, t_ours),
+                ours_deterministic_tflops=tflops(flops, t_det), sdpa_flash_tflops=tflops(flops, t_fa),
+                sdpa_cudnn_tflops=tflops(flops, t_cu))
+
+
 def fmt(x, w=6, p=0):
     return " " * (w - 1) + "-" if x is None else f"{x:{w}.{p}f}"
 
@@ -123,7 +161,9 @@ def table(rows):
         if r["kind"] == "splitkv":
             extra = (f" ({r['ours_us']:.0f} us, no-split {r['ours_nosplit_us']:.0f} us, FA2 "
                      f"{fmt(r['sdpa_flash_us'], 1)} us, cuDNN {fmt(r['sdpa_cudnn_us'], 1)} us)")
-        out.append(f"| {r['kind']} | {r['dtype']} | {r['head_dim']} | {r['batch']} | {r['heads']} | {r['seqlen_q']} | "
+        if r.get("ours_deterministic_tflops"):
+            extra = f" (deterministic {r['ours_deterministic_tflops']:.1f})"
+        out.append(f"| {r.get('op', 'fwd')} {r['kind']} | {r['dtype']} | {r['head_dim']} | {r['batch']} | {r['heads']} | {r['seqlen_q']} | "
                    f"{r['seqlen_k']} | {'y' if r['causal'] else 'n'} | {fmt(r['ours_tflops'], 1, 1)}{extra} | "
                    f"{fmt(r['sdpa_flash_tflops'], 1, 1)} | {fmt(r['sdpa_cudnn_tflops'], 1, 1)} | {fmt(ra, 1, 2)} | "
                    f"{fmt(rc, 1, 2)} |")
@@ -137,6 +177,7 @@ def main():
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--ops", default="fwd,bwd", help="fwd and/or bwd rows (bwd needs _C.bwd)")
     ap.add_argument("--json")
     ap.add_argument("--md")
     a = ap.parse_args()
@@ -160,10 +201,14 @@ def main():
         for d in hds:
             for s in seqlens:
                 for causal in (False, True):
-                    rows.append(dense_row(_C, dts[dt], d, s, causal, a.reps))
-                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                    if "fwd" in a.ops.split(","):
+                        rows.append(dense_row(_C, dts[dt], d, s, causal, a.reps))
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                    if "bwd" in a.ops.split(",") and hasattr(_C, "bwd"):
+                        rows.append(dense_bwd_row(_C, dts[dt], d, s, causal, a.reps))
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     dt0 = dts[dtypes[0]] if dtypes else torch.bfloat16
-    if next(c for c in classes if 128 <= c) in cfg["head_dims"] and dtypes:
+    if next(c for c in classes if 128 <= c) in cfg["head_dims"] and dtypes and "fwd" in a.ops.split(","):
         for causal in (False, True):
             rows.append(varlen_row(_C, dt0, 128, causal, a.reps))
         for sq in (1, 128):
