@@ -54,8 +54,9 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> fwd(
   const int64_t total_q = q.size(0), h = q.size(1), d = q.size(2);
   const int64_t total_k = k.size(0), h_k = k.size(1);
   FS_CHECK(k.size(2) == d, "q and k must have the same head_dim");
-  FS_CHECK(d >= 1 && d <= 256, "head_dim must be in [1, 256], got ", d);
-  FS_CHECK(h_k >= 1 && h % h_k == 0, "heads of q (", h, ") must be a multiple of heads of k/v (", h_k, ")");
+  FS_CHECK(d >= 1 && d <= 256, "head_dim must be in [1, 256], got ", std::to_string(d));
+  FS_CHECK(h_k >= 1 && h % h_k == 0, "heads of q (", std::to_string(h), ") must be a multiple of heads of k/v (",
+           std::to_string(h_k), ")");
   FS_CHECK(cu_seqlens_q.is_cuda() && cu_seqlens_k.is_cuda() && cu_seqlens_q.scalar_type() == at::kInt &&
                cu_seqlens_k.scalar_type() == at::kInt && cu_seqlens_q.dim() == 1 && cu_seqlens_k.dim() == 1,
            "cu_seqlens_q/k must be int32 CUDA vectors");

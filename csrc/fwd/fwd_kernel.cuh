@@ -177,7 +177,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_kernel(const
   const int g = lane >> 2, t = lane & 3;
   const int warp_row0 = warp * 16 * MT;
 
-  if (nb_max <= nb_min) {
+  const bool write_softmax = kFull && !kSplit && p.s_dmask != nullptr;
+  if (nb_max <= nb_min && !write_softmax) {
     // No visible key for any row of this block (in this split): O = 0, LSE = +inf (-inf for partials).
     for (int c = tid; c < m_valid * (HD / 4); c += Tr::kThreads) {
       const int row = c / (HD / 4), col = (c % (HD / 4)) * 4;
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_kernel(const
   const uint32_t v_off = (((lane & 7) + (((lane >> 3) & 1) << 3)) * kStride + (lane >> 4) * 8) * 2;
 
   load_tile<T, Tr, BM>(sQ_a, gQ, p.q_row_stride, m_valid, p.d, p.q, tid);
-  {
+  if (nb_max > nb_min) {
     const int n0 = (nb_max - 1) * BN;
     load_tile<T, Tr, BN>(sK_a, gK + int64_t(n0) * p.k_row_stride, p.k_row_stride, sk - n0, p.d, p.k, tid);
   }
@@ -404,10 +405,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_kernel(const
       m_s_fin[mt][hf] = row_m[mt][hf] == -INFINITY ? 0.f : row_m[mt][hf] * sl2;
     }
 
-  if (kFull && !kSplit && p.s_dmask != nullptr) {
-    // return_softmax: a second pass writes the final probabilities, dropped ones negated.
+  if (write_softmax) {
+    // return_softmax: a second pass writes the final probabilities (dropped ones negated) over every key
+    // block of the sequence, masked ones included (they hold 0).
     T* gS = static_cast<T*>(p.s_dmask) + bidb * p.s_batch_stride + head * p.s_head_stride;
-    for (int nb = nb_min; nb < nb_max; ++nb) {
+    for (int nb = 0; nb < ceil_div(sk, BN); ++nb) {
       const int n0 = nb * BN;
       __syncthreads();
       load_tile<T, Tr, BN>(sK_a, gK + int64_t(n0) * p.k_row_stride, p.k_row_stride, sk - n0, p.d, p.k, tid);

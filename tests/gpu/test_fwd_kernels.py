@@ -194,7 +194,8 @@ def check(out, lse, ref_out, ref_lse, tol, label):
     assert torch.equal(torch.isinf(lse) & (lse > 0), inf_ref), f"{label}: +inf LSE rows differ"
     fin = ~inf_ref
     if fin.any():
-        rel = ((lse[fin] - ref_lse[fin]).abs() / ref_lse[fin].abs().clamp_min(1e-6)).max().item()
+        # Relative to max(|lse|, 1): a row with one visible key has lse = its logit, which can sit near 0.
+        rel = ((lse[fin] - ref_lse[fin]).abs() / ref_lse[fin].abs().clamp_min(1.0)).max().item()
         assert rel <= 1e-3, f"{label}: LSE relative error {rel:.3e}"
     return err
 
@@ -257,6 +258,8 @@ def test_softcap_alibi(fs_C, compiled, feature, splits):
     h, hk = 8, 2
     for dtype in compiled["dtypes"]:
         for d in (compiled["head_dims"][0], compiled["head_dims"][-1]):
+            if "alibi" in feature:
+                d = min(d, 248)  # the SDPA baseline carries ALiBi in 2 extra head-dim columns (<= 256 in all)
             q, k, v = rand_inputs(q_lens, k_lens, h, hk, d, dtype, 99 + d)
             scale = d ** -0.5
             kw = {}
