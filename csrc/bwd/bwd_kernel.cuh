@@ -17,6 +17,7 @@
 // All warp-level matrix math is mma.sync.m16n8k16 (fp32 accumulate) fed by ldmatrix: sm_80 and sm_90.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -83,6 +84,12 @@ struct MmaOp<__half> {
   }
 };
 
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x, -inf -> 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
@@ -132,7 +139,7 @@ struct Traits {
 };
 
 // ------------------------------------------------------------------------------------------------
-template <typename T, int kD, int kStages>
+template <typename T, int kD, int kStages, bool kExtras>
 __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
   using Tr = Traits<kD, kStages>;
   using Mma = MmaOp<T>;
@@ -305,73 +312,95 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
         }
       }
 
-      // ---- Elementwise: P, masks, dropout, dS. Element (e): key row kw0 + g + 8*(e/2), query qw0 + 8n + 2t + e%2.
+      // ---- Elementwise: P, masks, dropout, dS. Element (mi, n, e): key kw0 + 16 mi + g + 8 (e / 2), query
+      // qw0 + 8 n + 2 t + e % 2 of the tile. Two compile-time variants: interior tiles (no mask) and boundary
+      // tiles; softcap / ALiBi / dropout code exists only in kernels compiled with kExtras.
       const bool full = (i0 + Br <= sq) && (j0 + Bc <= sk) && (wr < 0 || j0 + Bc - 1 <= i0 + diag + wr) &&
                         (wl < 0 || j0 >= i0 + Br - 1 + diag - wl);
+      auto elementwise = [&](auto full_tag) {
+        constexpr bool kFull = decltype(full_tag)::value;
 #pragma unroll
-      for (int mi = 0; mi < Tr::MT; ++mi)
+        for (int mi = 0; mi < Tr::MT; ++mi) {
 #pragma unroll
-      for (int n = 0; n < Tr::QW / 8; ++n) {
-        const int kr0 = kw0 + mi * 16;       // first key (in block) of this m-tile
-        const int ql = qw0 + n * 8 + 2 * t;  // query in tile (and ql + 1)
-        const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + ql);
-        const float2 dd = *reinterpret_cast<const float2*>(ds_s + ql);
-        uint32_t keep_bits = 0xF;  // bit (e): element e kept
-        if (has_dropout) {
-          // The 4 lanes with equal (g / 4, t) need the same 4 Philox draws: (query 2t or 2t+1) x (key group
-          // of row g or g + 8). Each lane draws one and they exchange.
-          const int mine = g & 3;
-          const uint32_t grp = (uint32_t)((j0 + kr0) / 4 + (g >> 2) + (mine >> 1) * 2);
-          const uint32_t row = (uint32_t)(i0 + ql + (mine & 1));
-          const uint32_t bits = dropout_keep4(p.seed, p.offset, seq_head, row, grp, keep_thr);
-          keep_bits = 0;
+          for (int n = 0; n < Tr::QW / 8; ++n) {
+            const int kr0 = kw0 + mi * 16;       // first key (in block) of this m-tile
+            const int ql = qw0 + n * 8 + 2 * t;  // query in tile (and ql + 1)
+            const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + ql);
+            const float2 dd = *reinterpret_cast<const float2*>(ds_s + ql);
+            const float l2[2] = {lse2.x * kLog2e, lse2.y * kLog2e};
+            const float dval[2] = {dd.x, dd.y};
+            uint32_t keep_bits = 0xF;  // bit (e): element e kept
+            if constexpr (kExtras) {
+              if (has_dropout) {
+                // The 4 lanes with equal (g / 4, t) need the same 4 Philox draws: (query 2t or 2t+1) x (key
+                // group of row g or g + 8). Each lane draws one and they exchange.
+                const int mine = g & 3;
+                const uint32_t grp = (uint32_t)((j0 + kr0) / 4 + (g >> 2) + (mine >> 1) * 2);
+                const uint32_t row = (uint32_t)(i0 + ql + (mine & 1));
+                const uint32_t bits = dropout_keep4(p.seed, p.offset, seq_head, row, grp, keep_thr);
+                keep_bits = 0;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            // element e: query offset e % 2, key row half e / 2 -> drawn by lane with mine = (e/2)*2 + e%2
-            const int src = (((g >> 2) * 4) + (e >> 1) * 2 + (e & 1)) * 4 + t;
-            const uint32_t w = __shfl_sync(0xffffffffu, bits, src);
-            keep_bits |= ((w >> (g & 3)) & 1u) << e;
+                for (int e = 0; e < 4; ++e) {
+                  // element e: query offset e % 2, key half e / 2 -> drawn by the lane with mine = 2 (e/2) + e%2
+                  const int src = (((g >> 2) * 4) + (e >> 1) * 2 + (e & 1)) * 4 + t;
+                  const uint32_t w = __shfl_sync(0xffffffffu, bits, src);
+                  keep_bits |= ((w >> (g & 3)) & 1u) << e;
+                }
+              }
+            }
+            float pv[4], dsv[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float x = s[mi][n][e];
+              float pr, th = 0.f;
+              if constexpr (kExtras) {
+                const int kj = j0 + kr0 + g + (e >> 1) * 8;  // key index in sequence
+                const int qi = i0 + ql + (e & 1);            // query index in sequence
+                float logit;
+                if (has_softcap) {
+                  th = tanhf(x * scale_log2);  // accurate: P must match the forward's LSE
+                  logit = th * cap_log2;
+                } else {
+                  logit = x * scale_log2;
+                }
+                if (p.alibi) logit -= alibi_log2 * fabsf((float)(qi + diag - kj));
+                pr = fast_exp2(logit - l2[e & 1]);
+              } else {
+                pr = fast_exp2(fmaf(x, scale_log2, -l2[e & 1]));
+              }
+              if constexpr (!kFull) {
+                const int kj = j0 + kr0 + g + (e >> 1) * 8;
+                const int qi = i0 + ql + (e & 1);
+                const bool vis =
+                    kj < sk && qi < sq && (wr < 0 || kj <= qi + diag + wr) && (wl < 0 || kj >= qi + diag - wl);
+                if (!vis) pr = 0.f;
+              }
+              float dpv = dp[mi][n][e];
+              float pd = pr;
+              if constexpr (kExtras) {
+                if (has_dropout) {
+                  const bool kept = (keep_bits >> e) & 1u;
+                  pd = kept ? pr * rp : 0.f;
+                  dpv = kept ? dpv * rp : 0.f;
+                }
+              }
+              float dsx = pr * (dpv - dval[e & 1]);
+              if constexpr (kExtras) {
+                if (has_softcap) dsx *= (1.f - th * th);
+              }
+              pv[e] = pd;
+              dsv[e] = dsx;
+            }
+            const int r0 = kr0 + g;
+            *reinterpret_cast<uint32_t*>(sP_ptr + r0 * kPRow + ql) = Mma::pack(pv[0], pv[1]);
+            *reinterpret_cast<uint32_t*>(sP_ptr + (r0 + 8) * kPRow + ql) = Mma::pack(pv[2], pv[3]);
+            *reinterpret_cast<uint32_t*>(sdS_ptr + r0 * kPRow + ql) = Mma::pack(dsv[0], dsv[1]);
+            *reinterpret_cast<uint32_t*>(sdS_ptr + (r0 + 8) * kPRow + ql) = Mma::pack(dsv[2], dsv[3]);
           }
         }
-        float pv[4], dsv[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int kj = j0 + kr0 + g + (e >> 1) * 8;  // key index in sequence
-          const int qi = i0 + ql + (e & 1);            // query index in sequence
-          float x = s[mi][n][e], th = 0.f;
-          float logit;
-          if (has_softcap) {
-            th = tanhf(x * scale_log2);  // accurate: P must match the forward's LSE
-            logit = th * cap_log2;
-          } else {
-            logit = x * scale_log2;
-          }
-          if (p.alibi) logit -= alibi_log2 * fabsf((float)(qi + diag - kj));
-          const float l2 = ((e & 1) ? lse2.y : lse2.x) * kLog2e;
-          float pr = exp2f(logit - l2);
-          if (!full) {
-            const bool vis = kj < sk && qi < sq && (wr < 0 || kj <= qi + diag + wr) && (wl < 0 || kj >= qi + diag - wl);
-            if (!vis) pr = 0.f;
-          }
-          const float dval = (e & 1) ? dd.y : dd.x;
-          float dpv = dp[mi][n][e];
-          float pd = pr;
-          if (has_dropout) {
-            const bool kept = (keep_bits >> e) & 1u;
-            pd = kept ? pr * rp : 0.f;
-            dpv = kept ? dpv * rp : 0.f;
-          }
-          float dsx = pr * (dpv - dval);
-          if (has_softcap) dsx *= (1.f - th * th);
-          pv[e] = pd;
-          dsv[e] = dsx;
-        }
-        const int r0 = kr0 + g;
-        *reinterpret_cast<uint32_t*>(sP_ptr + r0 * kPRow + ql) = Mma::pack(pv[0], pv[1]);
-        *reinterpret_cast<uint32_t*>(sP_ptr + (r0 + 8) * kPRow + ql) = Mma::pack(pv[2], pv[3]);
-        *reinterpret_cast<uint32_t*>(sdS_ptr + r0 * kPRow + ql) = Mma::pack(dsv[0], dsv[1]);
-        *reinterpret_cast<uint32_t*>(sdS_ptr + (r0 + 8) * kPRow + ql) = Mma::pack(dsv[2], dsv[3]);
-      }
+      };
+      if (full) elementwise(std::true_type{});
+      else elementwise(std::false_type{});
       __syncthreads();
 
       // ---- dV += P^T dO, dK += dS^T Q (this warp: 16 keys x DW columns), k = all Br queries.
@@ -466,7 +495,8 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
 template <typename T, int kD, int kStages>
 cudaError_t launch_main(const BwdParams& p, cudaStream_t stream) {
   using Tr = Traits<kD, kStages>;
-  auto kernel = bwd_main_kernel<T, kD, kStages>;
+  const bool extras = p.softcap > 0.f || p.alibi != nullptr || p.p_drop > 0.f;
+  auto kernel = extras ? bwd_main_kernel<T, kD, kStages, true> : bwd_main_kernel<T, kD, kStages, false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
   if (e != cudaSuccess) return e;
   const int nkb = (p.max_seqlen_k + Tr::Bc - 1) / Tr::Bc;
