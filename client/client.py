@@ -17,6 +17,7 @@ import torch
 from flashserve.proto import attention_pb2 as pb
 from flashserve.proto import attention_pb2_grpc as pb_grpc
 
+from . import shm as shm_transport
 from . import wire
 from .errors import RemoteError, ResidualsEvicted
 
@@ -31,7 +32,9 @@ class Client:
     retries: attempts for calls the server could not take (UNAVAILABLE); all calls are pure, so
     a retry is safe. chunk_bytes: size of the byte chunks on the wire. load_balancing: a gRPC
     policy such as "round_robin" to spread calls over every address a `dns:///` target resolves to
-    (e.g. a Kubernetes headless service)."""
+    (e.g. a Kubernetes headless service). transport: "auto" (shared memory when the server allows it
+    and runs on this host behind a loopback or unix: target, else gRPC byte chunks), "shm" (always
+    shared memory), "bytes" (always chunks) or "bytes-only" (chunks, and no server-side residuals)."""
 
     def __init__(self, target: str, timeout: Optional[float] = None, token: Optional[str] = None,
                  tls: bool = False, root_certificates: Optional[bytes] = None, retries: int = 3,
@@ -55,8 +58,14 @@ class Client:
         self._stub = pb_grpc.AttentionStub(self._channel)
         self._info: Optional[pb.ServerInfo] = None
         self.last_timings: Optional[pb.Timings] = None
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # tensor bytes sent / received in gRPC chunks
         self.bytes_received = 0
+        self.shm_bytes_sent = 0  # tensor bytes passed through shared memory
+        self.shm_bytes_received = 0
+        self._shm_ok: Optional[bool] = None  # decided on first use (transport="auto")
+        self._regions: Optional[shm_transport.RegionPool] = None
+        self._kv_bytes: Dict[str, Tuple[int, int]] = {}  # residual handle -> (k, v) bytes, for dk/dv slots
+        self._kv_lock = threading.Lock()
 
     # ---- plumbing ----------------------------------------------------------------------------
     def _rpc(self, fn, *args, timeout: Optional[float] = None):
@@ -77,8 +86,71 @@ class Client:
         cls = ResidualsEvicted if code == grpc.StatusCode.FAILED_PRECONDITION and "residual" in details else RemoteError
         return cls(code, details, self.target)
 
+    def uses_shm(self) -> bool:
+        """Whether calls put their tensors in shared memory (decided once, on first use)."""
+        if self._shm_ok is None:
+            if self.transport == "shm":
+                self._shm_ok = shm_transport.available()
+            elif self.transport == "auto" and shm_transport.available() and \
+                    shm_transport.is_local_target(self.target):
+                try:
+                    info = self.server_info()
+                    self._shm_ok = bool(info.shared_memory) and shm_transport.same_host(info.hostname)
+                except RemoteError:
+                    self._shm_ok = False
+            else:
+                self._shm_ok = False
+        return self._shm_ok
+
     def _stream_call(self, method, header: pb.Header, tensors: Sequence[torch.Tensor],
-                     timeout: Optional[float] = None) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
+                     timeout: Optional[float] = None,
+                     out_sizes: Optional[Sequence[int]] = None) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
+        """One Forward/Backward call. out_sizes: byte sizes of the outputs, in order, when known (lets the
+        server write them into shared memory)."""
+        if self.uses_shm():
+            try:
+                return self._shm_call(method, header, tensors, timeout, out_sizes)
+            except RemoteError as exc:
+                if not (exc.code == grpc.StatusCode.INVALID_ARGUMENT and "shared-memory" in exc.details
+                        and ("unknown" in exc.details or "does not accept" in exc.details)):
+                    raise
+                self._shm_ok = False  # the server cannot see our regions after all: chunks from now on
+                for d in header.tensors:
+                    d.ClearField("shm")
+                header.output_region, header.output_offset = "", 0
+        return self._bytes_call(method, header, tensors, timeout)
+
+    def _shm_call(self, method, header: pb.Header, tensors: Sequence[torch.Tensor], timeout, out_sizes):
+        if self._regions is None:
+            with self._kv_lock:
+                if self._regions is None:
+                    self._regions = shm_transport.RegionPool()
+        in_bytes = sum(shm_transport.align(t.numel() * t.element_size()) for t in tensors)
+        out_bytes = sum(shm_transport.align(n) for n in out_sizes) if out_sizes else 0
+        region = self._regions.acquire(in_bytes + out_bytes)
+        try:
+            pos = 0
+            for desc, t in zip(header.tensors, tensors):
+                desc.shm.region, desc.shm.offset = region.name, pos
+                pos += shm_transport.align(region.put(t, pos))
+            if out_sizes:
+                header.output_region, header.output_offset = region.name, pos
+            reply, outputs = self._bytes_call(method, header, [], timeout)
+            for d in reply.tensors:
+                if d.HasField("shm"):
+                    if d.shm.region != region.name:
+                        raise RemoteError(grpc.StatusCode.INTERNAL, f"the server wrote '{d.name}' into region "
+                                          f"{d.shm.region!r}, not ours", self.target)
+                    outputs[d.name] = region.take(d.shm.offset, wire.PROTO_TO_TORCH[d.dtype], d.shape)
+                    self.shm_bytes_received += d.nbytes
+            self.shm_bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+            self.bytes_received -= sum(d.nbytes for d in reply.tensors if d.HasField("shm"))
+            return reply, outputs
+        finally:
+            self._regions.release(region)
+
+    def _bytes_call(self, method, header: pb.Header, tensors: Sequence[torch.Tensor],
+                    timeout: Optional[float] = None) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
         header.chunk_bytes = self.chunk_bytes
 
         def attempt(timeout, metadata):
@@ -95,7 +167,7 @@ class Client:
             return reply, outputs
 
         reply, outputs = self._rpc(attempt, timeout=timeout)
-        self.bytes_received += sum(t.numel() * t.element_size() for t in outputs.values())
+        self.bytes_received += sum(d.nbytes for d in reply.tensors)
         self.last_timings = reply.timings
         return reply, outputs
 
@@ -114,28 +186,45 @@ class Client:
             named.append(("alibi_slopes", alibi_slopes))
         header = pb.Header(operation=pb.FORWARD, params=params, keep_residuals=keep_residuals,
                            tensors=[wire.describe(n, t) for n, t in named])
-        return self._stream_call(self._stub.Forward, header, [t for _, t in named], timeout)
+        out_sizes = None
+        if not params.return_softmax:  # S_dmask's size is the server's business: outputs come in chunks then
+            out_sizes = [q.numel() * q.element_size(), q.shape[0] * q.shape[1] * 4]
+        reply, outs = self._stream_call(self._stub.Forward, header, [t for _, t in named], timeout, out_sizes)
+        if reply.residual_handle:
+            with self._kv_lock:
+                self._kv_bytes[reply.residual_handle] = (k.numel() * k.element_size(), v.numel() * v.element_size())
+        return reply, outs
 
     def backward(self, dout, params: pb.AttentionParams, q=None, k=None, v=None, out=None, softmax_lse=None,
                  cu_seqlens_q=None, cu_seqlens_k=None, alibi_slopes=None, residual_handle: str = "",
                  timeout: Optional[float] = None) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
         """Packed varlen backward; with residual_handle only dout travels. Returns {"dq", "dk", "dv"}."""
+        dq_bytes = dout.numel() * dout.element_size()
         if residual_handle:
             named = [("dout", dout)]
+            with self._kv_lock:
+                kv = self._kv_bytes.get(residual_handle)
+            out_sizes = None if kv is None else [dq_bytes, *kv]
         else:
+            out_sizes = [dq_bytes, k.numel() * k.element_size(), v.numel() * v.element_size()]
             named = [("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("softmax_lse", softmax_lse),
                      ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)]
             if alibi_slopes is not None:
                 named.append(("alibi_slopes", alibi_slopes))
         header = pb.Header(operation=pb.BACKWARD, params=params, residual_handle=residual_handle,
                            tensors=[wire.describe(n, t) for n, t in named])
-        return self._stream_call(self._stub.Backward, header, [t for _, t in named], timeout)
+        return self._stream_call(self._stub.Backward, header, [t for _, t in named], timeout, out_sizes)
 
     def release(self, handles: Sequence[str]) -> int:
+        with self._kv_lock:
+            for h in handles:
+                self._kv_bytes.pop(h, None)
         return self._rpc(self._stub.Release, pb.ReleaseRequest(residual_handles=list(handles))).released
 
     def close(self) -> None:
         self._channel.close()
+        if self._regions is not None:
+            self._regions.close()
 
     def __enter__(self) -> "Client":
         return self

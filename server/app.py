@@ -21,7 +21,9 @@ from . import metrics
 from .auth import TokenInterceptor
 from .backends import Backend, create_backend
 from .config import ServerConfig
+from .residuals import ResidualStore
 from .scheduler import Scheduler
+from .shm import ShmTransport
 from .service import SERVICE_NAME, AttentionService
 
 log = logging.getLogger(__name__)
@@ -44,14 +46,17 @@ def grpc_options(config: ServerConfig):
 
 
 def make_scheduler(backend: Backend, config: ServerConfig) -> Scheduler:
-    return Scheduler(backend, config.workers)
+    return Scheduler(backend, config.workers, batch_tokens=config.batch_tokens, batch_delay_us=config.batch_delay_us)
 
 
 async def build_server(config: ServerConfig, backend: Optional[Backend] = None) -> Running:
     backend = backend or create_backend(config.backend, config.device or None)
     interceptors = [TokenInterceptor(config.token)] if config.token else []
     server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
-    service = AttentionService(backend, config, make_scheduler(backend, config))
+    scheduler = make_scheduler(backend, config)
+    residuals = ResidualStore(config.residual_bytes, config.residual_ttl_s) if config.residual_bytes > 0 else None
+    shm = ShmTransport(scheduler.allocate) if config.allow_shm else None
+    service = AttentionService(backend, config, scheduler, residuals=residuals, shm=shm)
     pb_grpc.add_AttentionServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

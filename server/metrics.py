@@ -24,3 +24,9 @@ BATCH_REQUESTS = Histogram("flashserve_batch_requests", "Requests sharing one ke
 def serve_metrics(port: int, addr: str = "127.0.0.1"):
     """Start the /metrics HTTP endpoint; returns (server, thread)."""
     return start_http_server(port, addr=addr, registry=REGISTRY)
+LAUNCHES = Counter("flashserve_kernel_launches_total", "Backend compute calls (one per batch)", registry=REGISTRY)
+RESIDUAL_BYTES = Gauge("flashserve_residual_bytes", "Bytes of residuals kept for backward", registry=REGISTRY)
+RESIDUAL_EVICTIONS = Counter("flashserve_residual_evictions_total", "Residual sets evicted (budget or TTL)",
+                             ["reason"], registry=REGISTRY)
+SHM_BYTES = Counter("flashserve_shm_bytes_total", "Tensor bytes moved through shared memory", ["direction"],
+                    registry=REGISTRY)

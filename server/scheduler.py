@@ -1,23 +1,41 @@
-"""Runs validated jobs on the backend, off the event loop.
+"""Runs validated jobs on the backend, off the event loop, batching compatible requests into one launch.
 
-A `Job` holds one request's tensors (host memory), parameters and deadline; `Scheduler.run`
-moves the tensors to the backend's device, computes, and brings the outputs back to host memory,
-recording where the time went. Compute runs on a small thread pool: torch releases the GIL, so
-the event loop keeps receiving other requests meanwhile."""
+A `Job` holds one request's tensors (host memory), parameters and deadline. `Scheduler.run(job)`
+queues it; jobs with equal `Job.batch_key()` are concatenated along the packed token axis (with
+shifted `cu_seqlens`) and computed by one backend call, and the outputs are split back per job.
+
+When a batch launches (whichever comes first):
+  * its tokens reached `batch_tokens` (a job that would overflow the budget starts the next batch),
+  * its oldest job has waited `batch_delay_us` and a compute worker is free (while every worker is
+    busy the batch keeps growing: waiting for a worker costs nothing extra),
+  * a member's deadline is closer than the batch delay (batching never holds a job past its deadline;
+    a job whose deadline has passed when its batch launches is failed with DEADLINE_EXCEEDED alone).
+`batch_tokens=0` turns batching off: one request per launch.
+
+Failure isolation: validation runs before the scheduler; if a batched launch still fails, each member
+is retried alone, so only the request that breaks the backend fails.
+
+Compute runs on `workers` threads (torch releases the GIL). On CUDA each worker thread has its own
+host-to-device, compute and device-to-host streams, so one batch's copies overlap another batch's
+compute; inputs arrive in pinned staging buffers (`Scheduler.allocate`, given to the wire's
+TensorAssembler and the shared-memory reader) and outputs return into pinned buffers, so every tensor
+crosses the bus once each way. `Scheduler.stats` counts launches, requests and full-size copies."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
+import threading
 import time
-from typing import Dict, Optional
-
-import torch
-
-from .backends.base import AttentionParams, Backend
-from .validation import RequestError, Shapes
+from typing import Callable, Dict, List, Optional
 
 import grpc
+import torch
+
+from . import metrics
+from .backends.base import AttentionParams, Backend
+from .validation import RequestError, Shapes
 
 
 @dataclasses.dataclass
@@ -38,69 +56,370 @@ class Job:
                 p.window_right, p.softcap, p.dropout_p, p.deterministic, self.return_softmax,
                 "alibi_slopes" in self.tensors)
 
+    def batchable(self) -> bool:
+        # Dropout is never batched: the dropout RNG counter of a sequence is derived from its index in
+        # the packed batch (Philox subsequence b * heads + h, see csrc/common/dropout.cuh and
+        # backends/philox.py), so shifting a request's sequences behind another request's would change
+        # its dropout mask (and the backward pass, which regenerates the mask, would need the same shift).
+        # return_softmax is not batched either: S_dmask is padded to the batch's longest sequence, so
+        # splitting it back would cost a full copy of a debug-only output.
+        return self.params.dropout_p == 0 and not self.return_softmax
 
-def _to_device(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    if t is None or t.device == device:
-        return t
-    return t.to(device, non_blocking=t.is_pinned())
+    def tokens(self) -> int:
+        s = self.shapes
+        return (s.total_q + s.total_k) if s is not None else 0
+
+
+# ---- one launch ---------------------------------------------------------------------------------
+class Stats:
+    """Counters the tests and benchmarks read (also exported as Prometheus metrics)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.launches = 0  # backend calls
+        self.requests = 0  # jobs computed (successfully or not)
+        self.batched_launches = 0  # launches that served more than one request
+        self.retried = 0  # members of a failed batch retried alone
+        self.h2d_copies = 0  # full-size host-to-device tensor copies
+        self.d2h_copies = 0  # full-size device-to-host tensor copies
+        self.host_copies = 0  # full-size host-memory copies made by the scheduler (CPU batching: concat)
+
+    def add(self, **kw) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._lock:
+            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
 def _to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().cpu()
 
 
-def execute(backend: Backend, job: Job) -> Dict[str, torch.Tensor]:
-    """Compute one job synchronously; outputs in host memory."""
+class _Streams(threading.local):
+    """Per worker thread: (h2d, compute, d2h) CUDA streams, created on first use."""
+
+    def get(self, device: torch.device):
+        s = getattr(self, "streams", None)
+        if s is None:
+            s = self.streams = tuple(torch.cuda.Stream(device) for _ in range(3))
+        return s
+
+
+_STREAMS = _Streams()
+
+
+def _call_backend(backend: Backend, op: str, x: Dict[str, torch.Tensor], params: AttentionParams,
+                  return_softmax: bool) -> Dict[str, torch.Tensor]:
+    if op == "forward":
+        res = backend.forward(x["q"], x["k"], x["v"], x["cu_seqlens_q"], x["cu_seqlens_k"], params,
+                              x.get("alibi_slopes"), return_softmax)
+        outputs = {"out": res.out, "softmax_lse": res.softmax_lse}
+        if return_softmax:
+            outputs["s_dmask"] = res.s_dmask
+        return outputs
+    res = backend.backward(x["dout"], x["q"], x["k"], x["v"], x["out"], x["softmax_lse"], x["cu_seqlens_q"],
+                           x["cu_seqlens_k"], params, x.get("alibi_slopes"))
+    return {"dq": res.dq, "dk": res.dk, "dv": res.dv}
+
+
+_TOKEN_AXIS = {"softmax_lse": 1}  # every other per-token tensor is packed along dim 0
+_PER_SEQUENCE = ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")
+
+
+def _pieces(jobs: List[Job]) -> Dict[str, List[torch.Tensor]]:
+    """Per tensor name, the members' pieces in concatenation order (cu_seqlens shifted, alibi 2-D)."""
+    names = [n for n in jobs[0].tensors if n not in _PER_SEQUENCE]
+    out = {n: [j.tensors[n] for j in jobs] for n in names}
+    for name, total in (("cu_seqlens_q", "total_q"), ("cu_seqlens_k", "total_k")):
+        pieces, shift = [], 0
+        for i, j in enumerate(jobs):
+            cu = j.tensors[name].to(torch.int32)
+            pieces.append((cu if i == 0 else cu[1:]) + shift)
+            shift += getattr(j.shapes, total)
+        out[name] = pieces
+    if "alibi_slopes" in jobs[0].tensors:
+        # (heads,) slopes apply to every sequence of their request: expand to (batch, heads) rows
+        out["alibi_slopes"] = [j.tensors["alibi_slopes"].reshape(-1, j.shapes.heads_q).expand(j.shapes.batch, -1)
+                               for j in jobs]
+    return out
+
+
+def _merged_params(jobs: List[Job]) -> AttentionParams:
+    return dataclasses.replace(jobs[0].params, max_seqlen_q=max(j.params.max_seqlen_q for j in jobs),
+                               max_seqlen_k=max(j.params.max_seqlen_k for j in jobs))
+
+
+def _split(jobs: List[Job], outputs: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+    """Per job, its slice of every output (views along dim 0; lse made contiguous: it is small)."""
+    results = []
+    q0 = k0 = 0
+    for j in jobs:
+        q1, k1 = q0 + j.shapes.total_q, k0 + j.shapes.total_k
+        res = {}
+        for name, t in outputs.items():
+            if name == "softmax_lse":
+                res[name] = t[:, q0:q1].contiguous()
+            elif name in ("dk", "dv"):
+                res[name] = t[k0:k1]
+            else:
+                res[name] = t[q0:q1]
+        results.append(res)
+        q0, k0 = q1, k1
+    return results
+
+
+def execute_batch(backend: Backend, jobs: List[Job], stats: Optional[Stats] = None,
+                  allocate: Optional[Callable[[int], torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
+    """Compute jobs of one batch key with one backend call; outputs in host memory, one dict per job.
+
+    Timings (copy_in_s, compute_s, copy_out_s, batch_requests) are recorded on every job."""
+    stats = stats or Stats()
     dev = backend.device
+    n = len(jobs)
     t0 = time.perf_counter()
-    x = {name: _to_device(t, dev) for name, t in job.tensors.items()}
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t1 = time.perf_counter()
+    cuda = dev.type == "cuda"
+    if cuda:
+        h2d, comp, d2h = _STREAMS.get(dev)
     try:
-        if job.op == "forward":
-            res = backend.forward(x["q"], x["k"], x["v"], x["cu_seqlens_q"], x["cu_seqlens_k"], job.params,
-                                  x.get("alibi_slopes"), job.return_softmax)
-            outputs = {"out": res.out, "softmax_lse": res.softmax_lse}
-            if job.return_softmax:
-                outputs["s_dmask"] = res.s_dmask
+        # -- copy in: one copy of each member tensor, straight into its slice of the batched tensor
+        if n == 1:
+            if cuda:
+                with torch.cuda.stream(h2d):
+                    x = {k: t.to(dev, non_blocking=t.is_pinned()) for k, t in jobs[0].tensors.items()}
+                stats.add(h2d_copies=len(x))
+            else:
+                x = jobs[0].tensors
+            params = jobs[0].params
         else:
-            res = backend.backward(x["dout"], x["q"], x["k"], x["v"], x["out"], x["softmax_lse"], x["cu_seqlens_q"],
-                                   x["cu_seqlens_k"], job.params, x.get("alibi_slopes"))
-            outputs = {"dq": res.dq, "dk": res.dk, "dv": res.dv}
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+            x = {}
+            for name, pieces in _pieces(jobs).items():
+                dim = _TOKEN_AXIS.get(name, 0)
+                if cuda:
+                    shape = list(pieces[0].shape)
+                    shape[dim] = sum(p.shape[dim] for p in pieces)
+                    dst = torch.empty(shape, dtype=pieces[0].dtype, device=dev)
+                    with torch.cuda.stream(h2d):
+                        pos = 0
+                        for p in pieces:
+                            dst.narrow(dim, pos, p.shape[dim]).copy_(p, non_blocking=p.is_pinned())
+                            pos += p.shape[dim]
+                    stats.add(h2d_copies=len(pieces))
+                else:
+                    dst = torch.cat(pieces, dim=dim)
+                    if name not in _PER_SEQUENCE:
+                        stats.add(host_copies=len(pieces))
+                x[name] = dst
+            params = _merged_params(jobs)
+        if cuda:
+            h2d.synchronize()  # copy-in time is measured; the compute stream then starts from ready inputs
+            comp.wait_stream(h2d)
+        t1 = time.perf_counter()
+        # -- compute: one launch
+        if cuda:
+            with torch.cuda.stream(comp):
+                outputs = _call_backend(backend, jobs[0].op, x, params, jobs[0].return_softmax)
+            comp.synchronize()
+        else:
+            outputs = _call_backend(backend, jobs[0].op, x, params, jobs[0].return_softmax)
+        stats.add(launches=1, requests=n, batched_launches=int(n > 1))
+        t2 = time.perf_counter()
+        # -- copy out: one device-to-host copy per output, into pinned buffers
+        if cuda:
+            host = {}
+            with torch.cuda.stream(d2h):
+                d2h.wait_stream(comp)
+                for name, t in outputs.items():
+                    if t is None:
+                        continue
+                    nbytes = t.numel() * t.element_size()
+                    buf = allocate(nbytes) if allocate is not None else torch.empty(nbytes, dtype=torch.uint8,
+                                                                                     pin_memory=True)
+                    dst = buf[:nbytes].view(t.dtype).view(t.shape)
+                    dst.copy_(t, non_blocking=True)
+                    host[name] = dst
+            d2h.synchronize()
+            stats.add(d2h_copies=len(host))
+        else:
+            host = {name: _to_host(t) for name, t in outputs.items() if t is not None}
+        results = [host] if n == 1 else _split(jobs, host)
     except torch.cuda.OutOfMemoryError:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            "the GPU ran out of memory for this request; retry later or send less at once") from None
-    t2 = time.perf_counter()
-    host = {name: _to_host(t) for name, t in outputs.items()}
     t3 = time.perf_counter()
-    job.timings.update(copy_in_s=t1 - t0, compute_s=t2 - t1, copy_out_s=t3 - t2)
-    return host
+    for j in jobs:
+        j.timings.update(copy_in_s=t1 - t0, compute_s=t2 - t1, copy_out_s=t3 - t2, batch_requests=n)
+    metrics.LAUNCHES.inc()
+    metrics.BATCH_REQUESTS.observe(n)
+    return results
+
+
+def execute(backend: Backend, job: Job) -> Dict[str, torch.Tensor]:
+    """Compute one job synchronously (no batching); outputs in host memory."""
+    return execute_batch(backend, [job])[0]
+
+
+# ---- the scheduler --------------------------------------------------------------------------------
+class _Batch:
+    __slots__ = ("key", "entries", "tokens", "due", "full")
+
+    def __init__(self, key, due: float):
+        self.key = key
+        self.entries: List[tuple] = []  # (job, future, enqueued perf_counter)
+        self.tokens = 0
+        self.due = due  # monotonic time at which it launches once a worker is free
+        self.full = False
 
 
 class Scheduler:
-    """One job per launch; concurrency bounded by the thread pool."""
+    """Batches compatible jobs; at most `workers` launches run at once."""
 
-    def __init__(self, backend: Backend, workers: int = 2):
+    def __init__(self, backend: Backend, workers: int = 2, batch_tokens: int = 0, batch_delay_us: int = 0,
+                 pinned: Optional[bool] = None):
         self.backend = backend
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
+        self.workers = max(1, workers)
+        self.batch_tokens = max(0, int(batch_tokens))
+        self.batch_delay_s = max(0, int(batch_delay_us)) / 1e6
+        self.stats = Stats()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers,
                                                            thread_name_prefix="flashserve-compute")
+        self._free = self.workers
+        self._queue: "collections.OrderedDict[int, _Batch]" = collections.OrderedDict()  # FIFO of batches
+        self._open: Dict[object, _Batch] = {}  # batches still accepting jobs, by key
+        self._ids = 0
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._closed = False
+        if pinned is None:
+            pinned = backend.device.type == "cuda"
+        # Pinned staging: torch's caching host allocator is the pool (freed blocks are cached and
+        # reused, and stream-ordered copies keep a block alive until they finish).
+        self.allocate: Optional[Callable[[int], torch.Tensor]] = self._allocate_pinned if pinned else None
+
+    def _allocate_pinned(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    @property
+    def batching(self) -> bool:
+        return self.batch_tokens > 0
 
     async def run(self, job: Job) -> Dict[str, torch.Tensor]:
-        loop = asyncio.get_running_loop()
-        queued = time.perf_counter()
+        if self._closed:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        loop = self._loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        now = time.monotonic()
+        entry = (job, fut, time.perf_counter())
+        tokens = job.tokens()
+        key = job.batch_key() if (self.batching and job.batchable()) else None
+        batch = self._open.get(key) if key is not None else None
+        if batch is not None and batch.tokens + tokens > self.batch_tokens:
+            batch.full = True  # the newcomer would overflow it: it launches, the newcomer opens the next
+            del self._open[key]
+            batch = None
+        if batch is None:
+            batch = _Batch(key, now + (self.batch_delay_s if key is not None else 0.0))
+            self._ids += 1
+            self._queue[self._ids] = batch
+            if key is not None:
+                self._open[key] = batch
+        batch.entries.append(entry)
+        batch.tokens += tokens
+        if job.deadline is not None:  # never hold a job past its deadline (keep a delay's worth of slack)
+            batch.due = min(batch.due, job.deadline - self.batch_delay_s)
+        if key is not None and batch.tokens >= self.batch_tokens:
+            batch.full = True
+            self._open.pop(key, None)
+        self._pump()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            fut.cancel()  # a member cancelled before launch is skipped at launch
+            raise
 
-        def work():
-            job.timings["queue_s"] = time.perf_counter() - queued
-            if job.deadline is not None and time.monotonic() > job.deadline:
-                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before compute started")
-            return execute(self.backend, job)
+    # -- dispatch, on the event loop
+    def _pump(self) -> None:
+        now = time.monotonic()
+        while self._free > 0 and self._queue:
+            ready = None
+            for bid, b in self._queue.items():
+                if b.full or b.due <= now:
+                    ready = bid
+                    break
+            if ready is None:
+                break
+            batch = self._queue.pop(ready)
+            if self._open.get(batch.key) is batch:
+                del self._open[batch.key]
+            self._launch(batch)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._free > 0 and self._queue:
+            due = min(b.due for b in self._queue.values())
+            self._timer = self._loop.call_later(max(0.0, due - now), self._pump)
 
-        result = await loop.run_in_executor(self._pool, work)
-        job.timings["batch_requests"] = 1
-        return result
+    def _launch(self, batch: _Batch) -> None:
+        now_mono, now = time.monotonic(), time.perf_counter()
+        live = []
+        for job, fut, enq in batch.entries:
+            if fut.done():  # cancelled while queued
+                continue
+            job.timings["queue_s"] = now - enq
+            if job.deadline is not None and now_mono > job.deadline:
+                fut.set_exception(RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                               "the deadline passed before compute started"))
+                continue
+            live.append((job, fut))
+        if not live:
+            return
+        self._free -= 1
+        jobs = [j for j, _ in live]
+        cf = self._pool.submit(self._compute, jobs)
+        cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._finished, f, live))
+
+    def _compute(self, jobs: List[Job]) -> List[object]:
+        """Worker thread: one launch; if a batch fails, each member alone (only the bad one fails)."""
+        try:
+            return execute_batch(self.backend, jobs, self.stats, self.allocate)
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [exc]
+        self.stats.add(retried=len(jobs))
+        results: List[object] = []
+        for j in jobs:
+            try:
+                results.append(execute_batch(self.backend, [j], self.stats, self.allocate)[0])
+            except Exception as exc:  # noqa: PERF203 - one failure per bad member
+                results.append(exc)
+        return results
+
+    def _finished(self, cf: concurrent.futures.Future, live) -> None:
+        self._free += 1
+        try:
+            results = cf.result()
+        except BaseException as exc:  # the pool itself failed
+            results = [exc] * len(live)
+        for (job, fut), res in zip(live, results):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+        self._pump()
 
     async def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for batch in list(self._queue.values()):  # launch what is queued, then wait for it
+            batch.full = True
+        if self._loop is not None and self._queue:
+            while self._queue:
+                self._pump()
+                if self._queue:
+                    await asyncio.sleep(0.001)
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)

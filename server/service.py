@@ -122,7 +122,7 @@ class AttentionService(pb_grpc.AttentionServicer):
             metrics.LATENCY.labels(method).observe(time.perf_counter() - started)
 
     async def _receive(self, operation, request_iterator):
-        asm = TensorAssembler()
+        asm = TensorAssembler(getattr(self.scheduler, "allocate", None))  # pinned staging on CUDA
         shapes = params = None
         t_first = None
         async for frame in request_iterator:
@@ -150,7 +150,9 @@ class AttentionService(pb_grpc.AttentionServicer):
             raise WireError("the request stream ended before any header arrived", "header")
         tensors = asm.finish()
         if self.shm is not None:
-            tensors.update(self.shm.read_inputs(asm.header))
+            if any(d.HasField("shm") for d in asm.header.tensors):  # a copy: off the event loop
+                loop = asyncio.get_running_loop()
+                tensors.update(await loop.run_in_executor(None, self.shm.read_inputs, asm.header))
         elif any(d.HasField("shm") for d in asm.header.tensors):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                "shm: this server does not accept shared-memory tensors (start it with --allow-shm)")
@@ -180,7 +182,7 @@ class AttentionService(pb_grpc.AttentionServicer):
             metrics.STAGE.labels(stage[:-2]).observe(t.get(stage, 0))
         names = list(outputs)
         if request.output_region and self.shm is not None:
-            descs = self.shm.write_outputs(request, outputs)
+            descs = await asyncio.get_running_loop().run_in_executor(None, self.shm.write_outputs, request, outputs)
             reply.tensors.extend(descs)
             yield pb.Frame(header=reply)
             return
