@@ -76,8 +76,8 @@ class Stats:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.launches = 0  # backend calls
-        self.requests = 0  # jobs computed (successfully or not)
+        self.launches = 0  # backend calls (kernel launches), failed ones included
+        self.requests = 0  # jobs computed successfully
         self.batched_launches = 0  # launches that served more than one request
         self.retried = 0  # members of a failed batch retried alone
         self.h2d_copies = 0  # full-size host-to-device tensor copies
@@ -217,14 +217,16 @@ def execute_batch(backend: Backend, jobs: List[Job], stats: Optional[Stats] = No
             h2d.synchronize()  # copy-in time is measured; the compute stream then starts from ready inputs
             comp.wait_stream(h2d)
         t1 = time.perf_counter()
-        # -- compute: one launch
+        # -- compute: one launch (counted when attempted; requests count when it succeeds)
+        stats.add(launches=1)
+        metrics.LAUNCHES.inc()
         if cuda:
             with torch.cuda.stream(comp):
                 outputs = _call_backend(backend, jobs[0].op, x, params, jobs[0].return_softmax)
             comp.synchronize()
         else:
             outputs = _call_backend(backend, jobs[0].op, x, params, jobs[0].return_softmax)
-        stats.add(launches=1, requests=n, batched_launches=int(n > 1))
+        stats.add(requests=n, batched_launches=int(n > 1))
         t2 = time.perf_counter()
         # -- copy out: one device-to-host copy per output, into pinned buffers
         if cuda:
@@ -251,7 +253,6 @@ def execute_batch(backend: Backend, jobs: List[Job], stats: Optional[Stats] = No
     t3 = time.perf_counter()
     for j in jobs:
         j.timings.update(copy_in_s=t1 - t0, compute_s=t2 - t1, copy_out_s=t3 - t2, batch_requests=n)
-    metrics.LAUNCHES.inc()
     metrics.BATCH_REQUESTS.observe(n)
     return results
 
