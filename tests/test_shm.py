@@ -1,0 +1,256 @@
+"""Same-host shared-memory transport: correct forward and backward (TCP loopback and unix socket), automatic
+choice, every bad-region case rejected with INVALID_ARGUMENT while the server keeps serving, nothing written
+outside a region, and a region vanishing mid-call failing that call alone."""
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+import torch
+
+import flashserve
+from flashserve import shm as client_shm
+from flashserve import wire
+from flashserve.proto import attention_pb2 as pb
+from flashserve.proto import attention_pb2_grpc as pb_grpc
+from flashserve.server import BackgroundServer, ServerConfig
+from flashserve.server.backends.torch_backend import TorchBackend
+from flashserve.server.shm import _Region
+from flashserve.server.validation import RequestError
+from naive import rel_err
+
+
+class HookBackend(TorchBackend):
+    """Runs `hook` (if set) inside forward: simulates a client that changes its region mid-call."""
+
+    hook = None
+
+    def forward(self, *args, **kw):
+        if self.hook is not None:
+            self.hook()
+        return super().forward(*args, **kw)
+
+
+BACKEND = HookBackend("cpu")
+
+
+@pytest.fixture(scope="module")
+def shm_server(tmp_path_factory):
+    sock = str(tmp_path_factory.mktemp("sock") / "fs.sock")
+    cfg = ServerConfig(host="127.0.0.1", port=0, backend="torch", allow_shm=True, unix_socket=sock)
+    with BackgroundServer(cfg, backend=BACKEND) as srv:
+        yield srv
+
+
+def reference(q, k, v, causal):
+    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q2.transpose(1, 2), k2.transpose(1, 2),
+                                                           v2.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    return out, (q2, k2, v2)
+
+
+@pytest.mark.parametrize("via", ["tcp", "unix"])
+def test_forward_backward_over_shm(shm_server, via):
+    target = shm_server.target if via == "tcp" else f"unix:{shm_server.config.unix_socket}"
+    with flashserve.Client(target, timeout=60) as c:
+        assert c.uses_shm()  # auto: allowed, loopback / unix, same host
+        read0 = shm_server.service.shm.bytes_read
+        g = torch.Generator().manual_seed(0)
+        for n in (33, 200):  # two sizes: the region is reused, then grown
+            q, k, v = (torch.randn(2, n, 4, 32, generator=g).requires_grad_(True) for _ in range(3))
+            out = flashserve.flash_attn_func(q, k, v, causal=True, client=c)
+            dout = torch.randn(out.shape, generator=g)
+            out.backward(dout)
+            ref, leaves = reference(q, k, v, True)
+            ref.backward(dout)
+            assert rel_err(out, ref) < 1e-5
+            for got, want in zip((q.grad, k.grad, v.grad), leaves):
+                assert rel_err(got, want.grad) < 1e-5
+        assert c.bytes_sent == 0 and c.bytes_received == 0  # no tensor byte in a gRPC chunk
+        assert c.shm_bytes_sent > 0 and c.shm_bytes_received > 0
+        assert shm_server.service.shm.bytes_read - read0 == c.shm_bytes_sent
+        names = c._regions.names()
+        assert all(os.path.exists(os.path.join("/dev/shm", n)) for n in names)
+    assert not any(os.path.exists(os.path.join("/dev/shm", n)) for n in names)  # unlinked on close
+
+
+def test_backward_without_residuals_over_shm(shm_server):
+    with flashserve.Client(shm_server.target, timeout=60, transport="bytes-only") as c:
+        c._shm_ok = None
+        c.transport = "shm"
+        q, k, v = (torch.randn(1, 40, 2, 16).requires_grad_(True) for _ in range(3))
+        out = flashserve.flash_attn_func(q, k, v, client=c)
+        out.sum().backward()
+        ref, leaves = reference(q, k, v, False)
+        ref.sum().backward()
+        assert rel_err(q.grad, leaves[0].grad) < 1e-5 and c.bytes_sent == 0
+
+
+def test_auto_transport_choice(shm_server):
+    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, backend="torch")) as plain:
+        with flashserve.Client(plain.target, timeout=30) as c:
+            assert not c.server_info().shared_memory and not c.uses_shm()
+            q = torch.randn(1, 8, 2, 16)
+            flashserve.flash_attn_func(q, q, q, client=c)
+            assert c.bytes_sent > 0
+    with flashserve.Client(shm_server.target, transport="bytes") as c:
+        assert not c.uses_shm()
+    assert client_shm.is_local_target("localhost:5") and client_shm.is_local_target("unix:/tmp/x")
+    assert client_shm.is_local_target("ipv4:127.0.0.1:1,127.0.0.2:2") and client_shm.is_local_target("[::1]:80")
+    assert not client_shm.is_local_target("10.0.0.1:50051") and not client_shm.is_local_target("dns:///svc:50051")
+
+
+# ---- bad regions ----------------------------------------------------------------------------------
+def small_inputs():
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(16, 2, 16, generator=g)
+    cu = torch.tensor([0, 16], dtype=torch.int32)
+    return [("q", q), ("k", q.clone()), ("v", q.clone()), ("cu_seqlens_q", cu), ("cu_seqlens_k", cu.clone())]
+
+
+def shm_request(region, named=None, offsets=None, output_region=None, output_offset=None):
+    """A Forward header with every tensor in `region` (written there), outputs after them."""
+    named = named or small_inputs()
+    header = pb.Header(operation=pb.FORWARD, params=pb.AttentionParams(max_seqlen_q=16, max_seqlen_k=16))
+    pos = 0
+    for i, (name, t) in enumerate(named):
+        region.put(t, pos)
+        d = wire.describe(name, t)
+        d.shm.region, d.shm.offset = region.name, pos if offsets is None or i not in offsets else offsets[i]
+        header.tensors.append(d)
+        pos += client_shm.align(t.numel() * t.element_size())
+    header.output_region = region.name if output_region is None else output_region
+    header.output_offset = pos if output_offset is None else output_offset
+    return header
+
+
+def call(target, header):
+    with grpc.insecure_channel(target) as ch:
+        return wire.read_stream(pb_grpc.AttentionStub(ch).Forward(iter([pb.Frame(header=header)]), timeout=30))
+
+
+def still_serving(target):
+    with flashserve.Client(target, timeout=30, transport="bytes") as c:
+        q = torch.randn(1, 8, 2, 16)
+        out = flashserve.flash_attn_func(q, q, q, client=c)
+        ref, _ = reference(q, q, q, False)
+        assert rel_err(out, ref) < 1e-5
+
+
+@pytest.fixture()
+def region():
+    r = client_shm.Region(1 << 20)
+    assert r.size == 1 << 20
+    yield r
+    r.close()
+
+
+def test_good_raw_request_writes_outputs_into_region(shm_server, region):
+    header = shm_request(region)
+    reply, outs = call(shm_server.target, header)
+    assert outs == {}  # nothing in chunks
+    got = {d.name: region.take(d.shm.offset, wire.PROTO_TO_TORCH[d.dtype], d.shape) for d in reply.tensors}
+    q = small_inputs()[0][1]
+    ref, _ = reference(q[None], q[None], q[None], False)
+    assert rel_err(got["out"], ref[0]) < 1e-5 and got["softmax_lse"].shape == (2, 16)
+    assert all(d.shm.offset >= header.output_offset and d.shm.offset % 64 == 0 for d in reply.tensors)
+
+
+BAD_INPUT_CASES = {
+    "unknown region": dict(rename="flashserve_no_such_region_x"),
+    "no flashserve prefix": dict(rename="psm_1234"),
+    "path traversal": dict(rename="flashserve_../../etc/passwd"),
+    "slash in name": dict(rename="flashserve_a/b"),
+    "offset past the end": dict(offsets={0: (1 << 20) - 100}),  # the region is 1 MiB
+    "offset far past the end": dict(offsets={0: 1 << 40}),
+    "negative offset": dict(offsets={1: -64}),
+    "misaligned offset": dict(offsets={2: 3}),
+    "unknown output region": dict(output_region="flashserve_gone_output"),
+    "output region without prefix": dict(output_region="other_region"),
+    "outputs do not fit": dict(output_offset=(1 << 20) - 1024),
+    "negative output offset": dict(output_offset=-64),
+    "output offset past the end": dict(output_offset=1 << 40),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT_CASES))
+def test_bad_region_rejected_and_server_still_serving(shm_server, region, case):
+    spec = BAD_INPUT_CASES[case]
+    header = shm_request(region, offsets=spec.get("offsets"), output_region=spec.get("output_region"),
+                         output_offset=spec.get("output_offset"))
+    if "rename" in spec:
+        header.tensors[0].shm.region = spec["rename"]
+    before = bytes(region._mmap[:])
+    with pytest.raises(grpc.RpcError) as err:
+        call(shm_server.target, header)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "shm" in err.value.details() or "output" in err.value.details() or "region" in err.value.details()
+    assert bytes(region._mmap[:]) == before  # nothing written
+    still_serving(shm_server.target)
+
+
+def test_symlinked_region_rejected(shm_server, region, tmp_path):
+    target_file = tmp_path / "secret"
+    target_file.write_bytes(b"x" * 4096)
+    link = "/dev/shm/flashserve_test_symlink_%d" % os.getpid()
+    os.symlink(target_file, link)
+    try:
+        header = shm_request(region)
+        header.tensors[0].shm.region = os.path.basename(link)
+        with pytest.raises(grpc.RpcError) as err:
+            call(shm_server.target, header)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        os.unlink(link)
+    still_serving(shm_server.target)
+
+
+def test_shm_refused_when_not_allowed(region):
+    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, backend="torch")) as plain:
+        with pytest.raises(grpc.RpcError) as err:
+            call(plain.target, shm_request(region))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--allow-shm" in err.value.details()
+        still_serving(plain.target)
+
+
+@pytest.mark.parametrize("how", ["unlinked", "shrunk"])
+def test_region_vanishing_mid_call_fails_that_call_alone(shm_server, how):
+    region = client_shm.Region(1 << 16)
+    try:
+        header = shm_request(region)
+
+        def vanish():
+            if how == "unlinked":
+                os.unlink(region.path)
+            else:
+                os.truncate(region.path, 64)
+
+        BACKEND.hook = vanish
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                call(shm_server.target, header)
+        finally:
+            BACKEND.hook = None
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        if how == "shrunk":
+            assert os.stat(region.path).st_size == 64  # the server did not grow it back
+    finally:
+        region.close()
+    still_serving(shm_server.target)
+    with flashserve.Client(shm_server.target, timeout=30) as c:  # and shm calls still work
+        q = torch.randn(1, 8, 2, 16)
+        flashserve.flash_attn_func(q, q, q, client=c)
+        assert c.uses_shm() and c.bytes_sent == 0
+
+
+def test_region_shrinking_during_read_is_caught(region):
+    r = _Region(region.name, "q.shm", writable=False)
+    try:
+        r.check(4096, 4096, 4, "q.shm")
+        os.truncate(region.path, 5000)
+        with pytest.raises(RequestError) as err:
+            r.read_into(torch.empty(4096, dtype=torch.uint8), 4096, "q.shm")
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        r.close()
