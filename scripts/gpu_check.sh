@@ -3,7 +3,8 @@
 #
 #   scripts/gpu_check.sh                 # full build (all head dims, fp16+bf16, sm_80+sm_90a), all tests, full bench
 #   FLASHSERVE_HEADDIMS=64,128 FLASHSERVE_DTYPES=bf16 FLASHSERVE_ARCHS=90a scripts/gpu_check.sh   # dev build
-#   GPU_CHECK_BENCH=quick|full|none  GPU_CHECK_TESTS="tests/gpu" (pytest args)  GPU_CHECK_SKIP_BUILD=1
+#   GPU_CHECK_BENCH=quick|full|none  GPU_CHECK_BENCH_ARGS="--ops fwd" (extra bench/kernels.py args)
+#   GPU_CHECK_TESTS="tests/gpu" (pytest args)  GPU_CHECK_SKIP_BUILD=1
 #
 # Logs and JSON go to $OUT when set (the device tool returns that folder), else to /tmp/flashserve_gpu_check.
 set -u -o pipefail
@@ -35,11 +36,15 @@ python3 -m pytest -q -rs -p no:cacheprovider --confcutdir=tests/gpu --continue-o
   2>&1 | tee "$OUT_DIR/tests.log" | grep -vE "^\s*$" | tail -40
 [ "${PIPESTATUS[0]}" = "0" ] || status=1
 
+# shellcheck disable=SC2086
 case "${GPU_CHECK_BENCH:-full}" in
   none) ;;
-  quick) python3 bench/kernels.py --quick --json "$OUT_DIR/kernels.json" --md "$OUT_DIR/kernels.md" 2>"$OUT_DIR/bench.log" || status=1 ;;
-  *) python3 bench/kernels.py --json "$OUT_DIR/kernels.json" --md "$OUT_DIR/kernels.md" 2>"$OUT_DIR/bench.log" || status=1 ;;
+  quick) python3 bench/kernels.py --quick ${GPU_CHECK_BENCH_ARGS:-} --json "$OUT_DIR/kernels.json" --md "$OUT_DIR/kernels.md" \
+           >"$OUT_DIR/bench.out" 2>"$OUT_DIR/bench.log" || status=1 ;;
+  *) python3 bench/kernels.py ${GPU_CHECK_BENCH_ARGS:-} --json "$OUT_DIR/kernels.json" --md "$OUT_DIR/kernels.md" \
+       >"$OUT_DIR/bench.out" 2>"$OUT_DIR/bench.log" || status=1 ;;
 esac
-[ -s "$OUT_DIR/bench.log" ] && grep -iE "error|traceback" "$OUT_DIR/bench.log" | head -5
+[ -s "$OUT_DIR/bench.log" ] && grep -iE "error|traceback" -A3 "$OUT_DIR/bench.log" | head -20
 echo "== tests: $(grep -E '(passed|failed|error)' "$OUT_DIR/tests.log" | tail -1)"
+[ -s "$OUT_DIR/kernels.md" ] && cat "$OUT_DIR/kernels.md"
 exit $status

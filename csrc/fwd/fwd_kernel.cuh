@@ -267,26 +267,42 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_kernel(const
 
   // Logit transform (kFull) and mask (boundary blocks only).
   auto transform_mask = [&](float (&s)[MT][NT][4], int n0, bool need_mask) {
+    if (kFull) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = m0 + warp_row0 + mt * 16 + g + (e >> 1) * 8;
-          const int j = n0 + nt * 8 + 2 * t + (e & 1);
-          float x = s[mt][nt][e];
-          if (kFull) {
-            x *= p.scale;
+          for (int e = 0; e < 4; ++e) {
+            const int i = m0 + warp_row0 + mt * 16 + g + (e >> 1) * 8;
+            const int j = n0 + nt * 8 + 2 * t + (e & 1);
+            float x = s[mt][nt][e] * p.scale;
             if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
             if (p.alibi != nullptr) x -= slope * fabsf(float(i + diag - j));
+            s[mt][nt][e] = x;
           }
-          if (need_mask) {
-            const bool vis = j < sk && (wr < 0 || j <= i + diag + wr) && (wl < 0 || j >= i + diag - wl);
-            if (!vis) x = -INFINITY;
-          }
-          s[mt][nt][e] = x;
+    }
+    if (need_mask) {
+      // Visible columns of row i: [lo, hi], shifted to this thread's first column so that each element
+      // costs two compares against a compile-time column offset.
+      const int r0 = m0 + warp_row0 + g + diag - n0 - 2 * t;  // row offset, relative to this thread's column 0
+      const int k_hi = sk - 1 - n0 - 2 * t;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int ri = r0 + mt * 16 + hf * 8;
+          const int hi = wr >= 0 ? min(k_hi, ri + wr) : k_hi;
+          const int lo = wl >= 0 ? ri - wl : -BN;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int c = nt * 8 + e;
+              if (c > hi || c < lo) s[mt][nt][2 * hf + e] = -INFINITY;
+            }
         }
+    }
   };
 
   // Dropout keep bits for rows (g, g+8) of tile mt, column group of tile nt (one Philox call per thread,
@@ -535,9 +551,17 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Tr = typename FwdConfig<HD>::Traits;
   auto kernel = fwd_kernel<T, Tr, kFull, kSplit>;
   constexpr int smem = Tr::kSmemBytes;
-  if (smem > 48 * 1024)
-    fwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-              "cudaFuncSetAttribute(max dynamic shared memory)");
+  if (smem > 48 * 1024) {
+    // Once per device (a driver call per launch costs microseconds on short launches).
+    static bool done[64] = {false};
+    int dev = 0;
+    fwd_check(cudaGetDevice(&dev), "cudaGetDevice");
+    if (dev < 0 || dev >= 64 || !done[dev]) {
+      fwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                "cudaFuncSetAttribute(max dynamic shared memory)");
+      if (dev >= 0 && dev < 64) done[dev] = true;
+    }
+  }
   const int splits = kSplit ? p.num_splits : 1;
   dim3 grid(ceil_div(p.max_seqlen_q, Tr::BM), p.h, p.b * splits);
   if (grid.x == 0 || p.b == 0) return;
