@@ -1,0 +1,356 @@
+"""`flashserve bench`: load-test a running server with a concurrency sweep.
+
+    flashserve bench 127.0.0.1:50051 --tokens 512 --heads 16 --head-dim 64 --dtype bfloat16 \\
+        --op forward --transport auto --concurrency 1,4,16,64 --duration 10 --json out.json --plot out.png
+
+Each concurrency level runs that many client threads (one Client, i.e. one channel and one set of
+shared-memory regions, each) sending the same pre-built request in a loop until the level's duration or
+request count is reached. Per level: requests/s, tokens/s (query tokens), payload GB/s (tensor bytes
+both ways, whatever the transport), p50/p90/p99 latency, errors by gRPC status code, and from the
+servers' reply timings the mean requests per kernel launch. `--op forward+backward` times one training
+step (forward keeping residuals when the server offers it, then backward)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="?", default=os.environ.get("FLASHSERVE_TARGET"),
+                   help="host:port or unix:/path (default: $FLASHSERVE_TARGET)")
+    p.add_argument("--tokens", type=int, default=512, help="query (= key) tokens per request")
+    p.add_argument("--heads", type=int, default=16, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=0, help="key/value heads (0: same as --heads)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--seqs", type=int, default=1, help="sequences per request (packed varlen)")
+    p.add_argument("--varlen", action="store_true",
+                   help="random sequence lengths (summing to --tokens) instead of equal ones")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--op", choices=("forward", "forward+backward"), default="forward")
+    p.add_argument("--transport", choices=("auto", "bytes", "shm"), default="auto",
+                   help="auto: shared memory when the server allows it and is on this host")
+    p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated client counts to sweep")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency level")
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests per level (overrides --duration; the level still stops after 10x --duration)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed requests per client before each level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="write results as JSON ('-': stdout)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot throughput and latency vs concurrency")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    p.add_argument("--token", default=None, help="bearer token (default: $FLASHSERVE_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+
+
+def _lengths(tokens: int, seqs: int, varlen: bool, gen: torch.Generator) -> List[int]:
+    seqs = max(1, min(seqs, tokens))
+    if not varlen:
+        base = [tokens // seqs] * seqs
+        base[-1] += tokens - sum(base)
+        return base
+    cuts = sorted(torch.randperm(tokens - 1, generator=gen)[:seqs - 1].add(1).tolist())
+    edges = [0] + cuts + [tokens]
+    return [b - a for a, b in zip(edges, edges[1:])]
+
+
+class Workload:
+    """One pre-built request (tensors made once; every call sends the same ones)."""
+
+    def __init__(self, tokens=512, heads=16, kv_heads=0, head_dim=64, dtype="bfloat16", seqs=1, varlen=False,
+                 causal=False, op="forward", seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        kv_heads = kv_heads or heads
+        dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.lengths = _lengths(tokens, seqs, varlen, gen)
+        self.tokens, self.op, self.causal = tokens, op, causal
+        self.q = torch.randn(tokens, heads, head_dim, generator=gen).to(dt)
+        self.k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dt)
+        self.v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dt)
+        self.dout = torch.randn(tokens, heads, head_dim, generator=gen).to(dt)
+        self.cu = torch.tensor([0] + torch.tensor(self.lengths).cumsum(0).tolist(), dtype=torch.int32)
+        self.max_seqlen = max(self.lengths)
+        self.shape = dict(tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                          dtype=str(dt).replace("torch.", ""), seqs=len(self.lengths), varlen=varlen, causal=causal)
+
+    def params(self):
+        from flashserve.autograd import make_params
+
+        return make_params(None, self.causal, (-1, -1), 0.0, 0.0, 0, 0, False, self.max_seqlen, self.max_seqlen,
+                           False)
+
+    def step(self, client, keep: bool) -> Dict[str, float]:
+        """One request (or training step); returns payload bytes and server timings."""
+        from flashserve.errors import ResidualsEvicted
+
+        params = self.params()
+        before = _moved(client)
+        reply, outs = client.forward(self.q, self.k, self.v, self.cu, self.cu, params,
+                                     keep_residuals=keep and self.op != "forward")
+        timings = [reply.timings]
+        if self.op == "forward+backward":
+            done = False
+            if reply.residual_handle:
+                try:
+                    r2, _ = client.backward(self.dout, params, residual_handle=reply.residual_handle)
+                    done = True
+                except ResidualsEvicted:
+                    pass
+                finally:
+                    try:
+                        client.release([reply.residual_handle])
+                    except Exception:  # noqa: BLE001 - the server evicts by TTL anyway
+                        pass
+            if not done:
+                r2, _ = client.backward(self.dout, params, self.q, self.k, self.v, outs["out"], outs["softmax_lse"],
+                                        self.cu, self.cu)
+            timings.append(r2.timings)
+        return {"bytes": _moved(client) - before,
+                "batch_requests": sum(t.batch_requests or 1 for t in timings) / len(timings),
+                "compute_s": sum(t.compute_s for t in timings)}
+
+
+def _moved(client) -> int:
+    return client.bytes_sent + client.bytes_received + client.shm_bytes_sent + client.shm_bytes_received
+
+
+def _percentile(sorted_values: List[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    idx = min(len(sorted_values) - 1, max(0, int(round(p / 100 * (len(sorted_values) - 1)))))
+    return sorted_values[idx]
+
+
+def run_level(make_client, workload: Workload, concurrency: int, duration: float, count: int = 0,
+              warmup: int = 1, progress=None) -> Dict[str, object]:
+    """One concurrency level; bounded by `count` requests (if > 0) and by time (duration, or 10x it with count)."""
+    import grpc
+
+    from flashserve.errors import RemoteError
+
+    lock = threading.Lock()
+    latencies: List[float] = []
+    errors: Dict[str, int] = {}
+    moved = [0]
+    batch_req: List[float] = []
+    compute = [0.0]
+    issued = [0]
+    clients = [make_client() for _ in range(concurrency)]
+    keep = [False] * concurrency
+    for i, c in enumerate(clients):
+        try:
+            keep[i] = bool(c.server_info().residuals)
+        except RemoteError:
+            pass
+    time_limit = duration * 10 if count else duration
+    start = [0.0]
+    ready = threading.Barrier(concurrency + 1, action=lambda: start.__setitem__(0, time.perf_counter()))
+
+    def worker(i: int):
+        c = clients[i]
+        for _ in range(warmup):
+            try:
+                workload.step(c, keep[i])
+            except RemoteError:
+                pass
+        ready.wait()
+        while True:
+            now = time.perf_counter()
+            if now - start[0] >= time_limit:
+                return
+            with lock:
+                if count and issued[0] >= count:
+                    return
+                issued[0] += 1
+            t0 = time.perf_counter()
+            try:
+                info = workload.step(c, keep[i])
+                code = None
+            except RemoteError as exc:
+                code = exc.code.name if isinstance(exc.code, grpc.StatusCode) else str(exc.code)
+            except Exception as exc:  # noqa: BLE001 - reported as an error of this request
+                code = type(exc).__name__
+            dt = time.perf_counter() - t0
+            with lock:
+                if code is None:
+                    latencies.append(dt)
+                    moved[0] += info["bytes"]
+                    batch_req.append(info["batch_requests"])
+                    compute[0] += info["compute_s"]
+                else:
+                    errors[code] = errors.get(code, 0) + 1
+            if progress is not None:
+                progress(1)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    ready.wait()  # after every client's warm-up; the barrier's action starts the clock
+    for t in threads:
+        t.join(time_limit + 120)
+    elapsed = time.perf_counter() - start[0]
+    for c in clients:
+        c.close()
+    ok = len(latencies)
+    lat = sorted(latencies)
+    mean_batch = sum(batch_req) / len(batch_req) if batch_req else 0.0
+    return {
+        "concurrency": concurrency,
+        "requests": ok,
+        "errors": errors,
+        "error_count": sum(errors.values()),
+        "duration_s": elapsed,
+        "requests_per_s": ok / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s": ok * workload.tokens / elapsed if elapsed > 0 else 0.0,
+        "payload_gb_s": moved[0] / elapsed / 1e9 if elapsed > 0 else 0.0,
+        "payload_bytes": moved[0],
+        "latency_ms": {"p50": _percentile(lat, 50) * 1e3, "p90": _percentile(lat, 90) * 1e3,
+                       "p99": _percentile(lat, 99) * 1e3,
+                       "mean": (sum(lat) / ok * 1e3) if ok else float("nan")},
+        "mean_batch_requests": mean_batch,
+        "launches_per_request": (sum(1 / b for b in batch_req) / len(batch_req)) if batch_req else 0.0,
+        "server_compute_s_per_request": compute[0] / ok if ok else 0.0,
+    }
+
+
+def run_sweep(target: str, workload: Workload, levels: List[int], duration: float = 10.0, count: int = 0,
+              warmup: int = 1, transport: str = "auto", progress: bool = True, client_kwargs=None) -> Dict[str, object]:
+    import flashserve
+
+    client_kwargs = dict(client_kwargs or {})
+
+    def make_client():
+        return flashserve.Client(target, transport=transport, **client_kwargs)
+
+    with make_client() as probe:
+        info = probe.server_info()
+        used_shm = probe.uses_shm()
+    results = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = count * len(levels) if count else None
+        bar = tqdm(total=total, unit="req", desc="flashserve bench", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for c in levels:
+            if bar is not None:
+                bar.set_postfix_str(f"concurrency {c}")
+            results.append(run_level(make_client, workload, c, duration, count, warmup,
+                                     bar.update if bar is not None else None))
+    finally:
+        if bar is not None:
+            bar.close()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "target": target,
+        "client_host": socket.gethostname(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.platform()}",
+        "server": {"version": info.version, "backend": info.backend, "device": info.device,
+                   "hostname": info.hostname, "shared_memory": info.shared_memory, "residuals": info.residuals},
+        "versions": _versions(),
+        "workload": dict(workload.shape, op=workload.op, lengths=workload.lengths),
+        "transport": "shm" if used_shm else "bytes",
+        "duration_s": duration, "requests_per_level": count, "warmup": warmup,
+        "levels": results,
+    }
+
+
+def _versions() -> Dict[str, str]:
+    import grpc
+
+    import flashserve
+
+    return {"flashserve": flashserve.__version__, "torch": torch.__version__, "grpcio": grpc.__version__,
+            "python": platform.python_version()}
+
+
+def format_table(report: Dict[str, object]) -> str:
+    rows = ["| concurrency | req/s | tokens/s | payload GB/s | p50 ms | p90 ms | p99 ms | req/launch | errors |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in report["levels"]:
+        lat = r["latency_ms"]
+        errs = ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "0"
+        rows.append(f"| {r['concurrency']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+                    f"{r['payload_gb_s']:.3f} | {lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | "
+                    f"{r['mean_batch_requests']:.2f} | {errs} |")
+    return "\n".join(rows)
+
+
+def plot(report: Dict[str, object], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = report["levels"]
+    xs = [r["concurrency"] for r in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(xs, [r["requests_per_s"] for r in levels], "o-", label="requests/s")
+    a.set_xlabel("concurrent clients")
+    a.set_ylabel("requests/s")
+    a.set_xscale("log", base=2)
+    a2 = a.twinx()
+    a2.plot(xs, [r["payload_gb_s"] for r in levels], "s--", color="tab:orange", label="payload GB/s")
+    a2.set_ylabel("payload GB/s")
+    a.set_title("throughput")
+    for key, style in (("p50", "o-"), ("p90", "^-"), ("p99", "s-")):
+        b.plot(xs, [r["latency_ms"][key] for r in levels], style, label=key)
+    b.set_xlabel("concurrent clients")
+    b.set_ylabel("latency (ms)")
+    b.set_xscale("log", base=2)
+    b.legend()
+    b.set_title("latency")
+    w = report["workload"]
+    fig.suptitle(f"flashserve bench {report['target']}: {w['op']}, {w['tokens']} tokens x {w['heads']} heads x "
+                 f"{w['head_dim']} {w['dtype']}, transport {report['transport']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_from_args(args) -> int:
+    if not args.target:
+        print("flashserve bench: give a target (host:port or unix:/path) or set FLASHSERVE_TARGET", file=sys.stderr)
+        return 2
+    try:
+        levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    except ValueError:
+        print(f"flashserve bench: --concurrency must be comma-separated integers, got {args.concurrency!r}",
+              file=sys.stderr)
+        return 2
+    if not levels or min(levels) < 1:
+        print("flashserve bench: --concurrency needs positive integers", file=sys.stderr)
+        return 2
+    workload = Workload(args.tokens, args.heads, args.kv_heads, args.head_dim, args.dtype, args.seqs, args.varlen,
+                        args.causal, args.op, args.seed)
+    token = args.token or os.environ.get("FLASHSERVE_TOKEN") or None
+    report = run_sweep(args.target, workload, levels, args.duration, args.requests, args.warmup, args.transport,
+                       progress=not args.no_progress,
+                       client_kwargs=dict(timeout=args.timeout, token=token, tls=args.tls))
+    if args.json_out == "-":
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"flashserve bench {report['target']} ({report['server']['backend']} on {report['server']['device']}, "
+              f"transport {report['transport']}, {report['workload']['op']})")
+        print(format_table(report))
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(report, f, indent=2)
+    if args.plot:
+        plot(report, args.plot)
+    return 0 if all(r["requests"] > 0 for r in report["levels"]) else 1

@@ -1,0 +1,80 @@
+"""`flashserve bench` against a local server: a short sweep, every JSON field, plot, progress bar, errors by code."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flashserve.server import BackgroundServer, ServerConfig
+from flashserve.server.cli import main
+
+LEVEL_FIELDS = {"concurrency", "requests", "errors", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
+                "payload_gb_s", "payload_bytes", "latency_ms", "mean_batch_requests", "launches_per_request",
+                "server_compute_s_per_request"}
+SMALL = ["--tokens", "64", "--heads", "2", "--head-dim", "16", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def bench_server():
+    cfg = ServerConfig(host="127.0.0.1", port=0, backend="torch", allow_shm=True, batch_delay_us=200)
+    with BackgroundServer(cfg) as srv:
+        yield srv
+
+
+def check_report(report, levels, op, transport):
+    assert {"date", "target", "machine", "server", "versions", "workload", "transport", "levels"} <= set(report)
+    assert report["transport"] == transport and report["workload"]["op"] == op
+    assert [r["concurrency"] for r in report["levels"]] == levels
+    for r in report["levels"]:
+        assert set(r) == LEVEL_FIELDS
+        assert r["requests"] > 0 and r["error_count"] == 0 and r["errors"] == {}
+        assert r["requests_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["requests_per_s"] * 64)
+        assert r["payload_gb_s"] > 0 and r["payload_bytes"] > 0
+        lat = r["latency_ms"]
+        assert set(lat) == {"p50", "p90", "p99", "mean"} and 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+        assert r["mean_batch_requests"] >= 1 and 0 < r["launches_per_request"] <= 1
+
+
+def test_sweep_json_and_plot(bench_server, tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = main(["bench", bench_server.target, *SMALL, "--concurrency", "1,3", "--requests", "9", "--duration", "5",
+               "--json", str(out), "--plot", str(png), "--no-progress"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    check_report(report, [1, 3], "forward", "shm")
+    assert [r["requests"] for r in report["levels"]] == [9, 9]  # bounded by count
+    # payload per forward request: q, k, v in; out + lse back
+    per_request = 4 * 64 * 2 * 16 * 4 + 2 * 64 * 4 + 2 * 2 * 4  # + two cu_seqlens of one sequence
+    assert report["levels"][0]["payload_bytes"] == 9 * per_request
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forward_backward_bytes_varlen_duration(bench_server, capsys):
+    rc = main(["bench", bench_server.target, *SMALL, "--op", "forward+backward", "--transport", "bytes",
+               "--seqs", "3", "--varlen", "--concurrency", "2", "--duration", "0.5", "--json", "-", "--no-progress"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    check_report(report, [2], "forward+backward", "bytes")
+    assert sum(report["workload"]["lengths"]) == 64 and len(report["workload"]["lengths"]) == 3
+    assert report["levels"][0]["duration_s"] < 5  # bounded in time
+
+
+def test_errors_counted_by_status_code(bench_server, capsys):
+    # head dim 512 is over the server's limit: every request fails with INVALID_ARGUMENT, nothing hangs
+    rc = main(["bench", bench_server.target, "--tokens", "8", "--heads", "1", "--head-dim", "512", "--dtype",
+               "float32", "--concurrency", "2", "--requests", "4", "--warmup", "0", "--json", "-", "--no-progress"])
+    assert rc == 1
+    level = json.loads(capsys.readouterr().out)["levels"][0]
+    assert level["requests"] == 0 and level["errors"] == {"INVALID_ARGUMENT": 4}
+
+
+def test_cli_progress_bar_and_table(bench_server):
+    env = dict(os.environ, FLASHSERVE_TARGET=bench_server.target)
+    run = subprocess.run([sys.executable, "-m", "flashserve.server.cli", "bench", *SMALL, "--concurrency", "1,2",
+                          "--requests", "4"], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "flashserve bench" in run.stderr and "req" in run.stderr  # tqdm's bar
+    assert "| concurrency | req/s |" in run.stdout and run.stdout.count("\n| ") >= 3
