@@ -112,7 +112,7 @@ struct Traits {
   static constexpr int Br = 64;               // queries per iteration
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int WK = 4;
+  static constexpr int WK = kBig ? 2 : 4;  // 32 keys per warp either way
   static constexpr int WD = kWarps / WK;
   static constexpr int KW = Bc / WK;  // keys per warp
   static constexpr int MT = KW / 16;  // m-tiles per warp
@@ -121,7 +121,7 @@ struct Traits {
   static constexpr int MQ = Br / 16;  // warps along query rows in dQ
   static constexpr int NQ = kWarps / MQ;
   static constexpr int DQW = kD / NQ;                      // dQ columns per warp
-  static constexpr int DQC = DQW > 64 ? DQW / 2 : DQW;     // dQ columns per pass (register bound)
+  static constexpr int DQC = DQW > 64 ? 32 : DQW;  // dQ columns per pass (register bound)
   static constexpr int kRow = kD + 8;                      // smem row stride (elements): 16 B pad, no bank conflicts
   static constexpr int kPRow = Br + 8;
   static_assert(WK * WD == kWarps, "warp layout");

@@ -233,7 +233,7 @@ def ref_attention(q, k, v, cu_q, cu_k, scale, causal=False, wl=-1, wr=-1, softca
         j = torch.arange(sk, device=q.device).view(1, -1)
         if alibi is not None:
             slope = alibi[b] if alibi.dim() == 2 else alibi
-            t = t - slope.view(-1, 1, 1) * (i + sk - sq - j).abs().to(t.dtype)
+            t = t - (slope.view(-1, 1, 1) * (i + sk - sq - j).abs()).to(t.dtype)
         vis = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
         if wr >= 0:
             vis &= j <= i + sk - sq + wr
