@@ -56,6 +56,11 @@ class Client:
             self._channel = grpc.insecure_channel(target, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = pb_grpc.AttentionStub(self._channel)
+        # Forward / Backward with the fast frame codec (chunks without protobuf copies; same bytes on the wire)
+        self._streams = {name: self._channel.stream_stream(f"/{pb.DESCRIPTOR.services_by_name['Attention'].full_name}"
+                                                           f"/{name}", request_serializer=wire.encode_frame,
+                                                           response_deserializer=wire.decode_frame)
+                         for name in ("Forward", "Backward")}
         self._info: Optional[pb.ServerInfo] = None
         self.last_timings: Optional[pb.Timings] = None
         self.bytes_sent = 0  # tensor bytes sent / received in gRPC chunks
@@ -153,16 +158,11 @@ class Client:
                     timeout: Optional[float] = None) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
         header.chunk_bytes = self.chunk_bytes
 
+        sent = sum(d.nbytes for d in header.tensors if not d.HasField("shm"))
+
         def attempt(timeout, metadata):
-            sent = 0
-
-            def frames():
-                nonlocal sent
-                for frame in wire.iter_frames(header, tensors, self.chunk_bytes):
-                    sent += len(frame.chunk)
-                    yield frame
-
-            reply, outputs = wire.read_stream(method(frames(), timeout=timeout, metadata=metadata))
+            frames = wire.iter_encoded(header, tensors, self.chunk_bytes)
+            reply, outputs = wire.read_stream(method(frames, timeout=timeout, metadata=metadata))
             self.bytes_sent += sent
             return reply, outputs
 
@@ -189,7 +189,7 @@ class Client:
         out_sizes = None
         if not params.return_softmax:  # S_dmask's size is the server's business: outputs come in chunks then
             out_sizes = [q.numel() * q.element_size(), q.shape[0] * q.shape[1] * 4]
-        reply, outs = self._stream_call(self._stub.Forward, header, [t for _, t in named], timeout, out_sizes)
+        reply, outs = self._stream_call(self._streams["Forward"], header, [t for _, t in named], timeout, out_sizes)
         if reply.residual_handle:
             with self._kv_lock:
                 self._kv_bytes[reply.residual_handle] = (k.numel() * k.element_size(), v.numel() * v.element_size())
@@ -213,7 +213,7 @@ class Client:
                 named.append(("alibi_slopes", alibi_slopes))
         header = pb.Header(operation=pb.BACKWARD, params=params, residual_handle=residual_handle,
                            tensors=[wire.describe(n, t) for n, t in named])
-        return self._stream_call(self._stub.Backward, header, [t for _, t in named], timeout, out_sizes)
+        return self._stream_call(self._streams["Backward"], header, [t for _, t in named], timeout, out_sizes)
 
     def release(self, handles: Sequence[str]) -> int:
         with self._kv_lock:

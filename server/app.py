@@ -15,7 +15,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from flashserve.proto import attention_pb2_grpc as pb_grpc
 
 from . import metrics
 from .auth import TokenInterceptor
@@ -24,7 +23,7 @@ from .config import ServerConfig
 from .residuals import ResidualStore
 from .scheduler import Scheduler
 from .shm import ShmTransport
-from .service import SERVICE_NAME, AttentionService
+from .service import SERVICE_NAME, AttentionService, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ async def build_server(config: ServerConfig, backend: Optional[Backend] = None) 
     residuals = ResidualStore(config.residual_bytes, config.residual_ttl_s) if config.residual_bytes > 0 else None
     shm = ShmTransport(scheduler.allocate) if config.allow_shm else None
     service = AttentionService(backend, config, scheduler, residuals=residuals, shm=shm)
-    pb_grpc.add_AttentionServicer_to_server(service, server)
+    add_to_server(service, server)  # the generated registration, with the fast frame codec
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -14,7 +14,8 @@ import torch
 
 from flashserve.proto import attention_pb2 as pb
 from flashserve.proto import attention_pb2_grpc as pb_grpc
-from flashserve.wire import TORCH_TO_PROTO, TensorAssembler, WireError, describe, iter_frames
+from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, decode_frame, describe, encode_frame,
+                             iter_encoded)
 
 from . import metrics
 from .backends.base import Backend
@@ -28,6 +29,25 @@ VERSION = "0.1.0"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Attention"].full_name
 
 METHOD_NAMES = {pb.FORWARD: "Forward", pb.BACKWARD: "Backward"}
+
+
+def add_to_server(service: "AttentionService", server) -> None:
+    """Like pb_grpc.add_AttentionServicer_to_server, with the fast frame codec for Forward / Backward
+    (chunk frames arrive as views, and pre-encoded frames are sent as they are)."""
+    handlers = {
+        "Forward": grpc.stream_stream_rpc_method_handler(service.Forward, request_deserializer=decode_frame,
+                                                         response_serializer=encode_frame),
+        "Backward": grpc.stream_stream_rpc_method_handler(service.Backward, request_deserializer=decode_frame,
+                                                          response_serializer=encode_frame),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
+            response_serializer=pb.ServerInfo.SerializeToString),
+        "Release": grpc.unary_unary_rpc_method_handler(
+            service.Release, request_deserializer=pb.ReleaseRequest.FromString,
+            response_serializer=pb.ReleaseResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class AttentionService(pb_grpc.AttentionServicer):
@@ -189,8 +209,6 @@ class AttentionService(pb_grpc.AttentionServicer):
         reply.tensors.extend(describe(n, outputs[n]) for n in names)
         chunk = request.chunk_bytes or self.config.chunk_bytes
         chunk = min(chunk, self.config.max_message_bytes - 1024)
-        sent = 0
-        for frame in iter_frames(reply, [outputs[n] for n in names], chunk):
-            sent += len(frame.chunk)
+        for frame in iter_encoded(reply, [outputs[n] for n in names], chunk):  # pre-encoded Frame bytes
             yield frame
-        metrics.BYTES_OUT.inc(sent)
+        metrics.BYTES_OUT.inc(sum(d.nbytes for d in reply.tensors))

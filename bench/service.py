@@ -1,0 +1,436 @@
+"""Service benchmark: flashserve over loopback against raw gRPC bytes on the same host, in one run.
+
+    python bench/service.py [--quick] [--out bench/results] [--device cpu|cuda] [--skip-batching]
+
+Servers run in their own processes (`flashserve serve`, and a generic grpcio server that only counts the
+bytes it gets and sends back as many as asked), so the client's threads do not share a GIL with them.
+
+Sections (each ratio is taken in this run, on this machine):
+  1. forward round trips, payload 1 MB .. 256 MB (q of the given size; tiny k/v so compute stays small),
+     payload MB/s (bytes up + bytes down) against a raw gRPC byte stream moving the same bytes both ways;
+     target >= 0.8 of raw for >= 16 MB; server compute reported separately.
+  2. shared memory against the gRPC chunk path for >= 64 MB (target >= 5x).
+  3. batching on / off: concurrent clients sending 512-token, 16-head, head-dim-64 bf16 forwards over
+     shared memory; requests/s, kernel launches per request, p50 / p99.
+  4. residuals: wire bytes of one forward+backward step against the forward alone (target <= 1.6x).
+  5. the server-side time split (queue, copy in, compute, copy out, wire) for one large and one small request.
+Writes service_<device>_<date>.json and .md under --out."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RAW_METHOD = "/rawbench.Raw/Echo"
+CHUNK = 4 << 20
+MB = 1 << 20
+
+
+# ---- the raw gRPC byte server (its own process) ---------------------------------------------------
+def raw_server_main(port_file: str) -> None:
+    """Bidi stream: the client's first message is 8 bytes (little-endian count of bytes wanted back), then
+    data chunks; the server counts them, then answers with that many bytes in CHUNK-sized messages."""
+    out_chunk = b"\x00" * CHUNK
+
+    async def echo(request_iterator, context):
+        want = None
+        got = 0
+        async for msg in request_iterator:
+            if want is None:
+                want = int.from_bytes(msg[:8], "little")
+                continue
+            got += len(msg)
+        sent = 0
+        while sent < want:
+            n = min(CHUNK, want - sent)
+            yield out_chunk if n == CHUNK else out_chunk[:n]
+            sent += n
+
+    async def main():
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 80 << 20),
+                                          ("grpc.max_send_message_length", 80 << 20)])
+        handler = grpc.method_handlers_generic_handler("rawbench.Raw", {
+            "Echo": grpc.stream_stream_rpc_method_handler(echo)})
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        with open(port_file + ".tmp", "w") as f:
+            f.write(str(port))
+        os.replace(port_file + ".tmp", port_file)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+class Proc:
+    """A server subprocess; `target` once it listens."""
+
+    def __init__(self, args, tmpdir: str, raw: bool = False):
+        self.target = None
+        if raw:
+            port_file = os.path.join(tmpdir, f"raw_{os.getpid()}_{time.monotonic_ns()}")
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--raw-server", port_file])
+            for _ in range(600):
+                if os.path.exists(port_file):
+                    self.target = f"127.0.0.1:{open(port_file).read().strip()}"
+                    break
+                time.sleep(0.05)
+        else:
+            self.proc = subprocess.Popen([sys.executable, "-m", "flashserve.server.cli", "serve", "--port", "0",
+                                          "--log-level", "WARNING", *args], stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+            for _ in range(50):
+                line = self.proc.stdout.readline()
+                m = re.search(r"listening on ([\d.]+):(\d+)", line)
+                if m:
+                    self.target = f"{m.group(1)}:{m.group(2)}"
+                    break
+            threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # drain
+        if self.target is None:
+            self.stop()
+            raise RuntimeError(f"server {args} did not start")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def raw_round_trip(channel, up: int, down: int, chunks) -> float:
+    call = channel.stream_stream(RAW_METHOD)
+
+    def frames():
+        yield down.to_bytes(8, "little")
+        left = up
+        for c in chunks:
+            if left <= 0:
+                break
+            piece = c if len(c) <= left else c[:left]
+            left -= len(piece)
+            yield piece
+
+    t0 = time.perf_counter()
+    got = sum(len(m) for m in call(frames(), timeout=600))
+    dt = time.perf_counter() - t0
+    assert got == down, (got, down)
+    return dt
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return statistics.median(fn() for _ in range(repeats))
+
+
+# ---- 1 + 2: payload sweep, raw gRPC, shared memory -----------------------------------------------
+def forward_inputs(up_bytes: int, dtype=torch.float32):
+    """q of about up_bytes (head dim 256, one head), 16 keys: the wire dominates, not compute."""
+    d = 256
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = max(16, up_bytes // (d * itemsize))
+    q = torch.randn(n, 1, d).to(dtype)
+    k = torch.randn(16, 1, d).to(dtype)
+    v = torch.randn(16, 1, d).to(dtype)
+    return q, k, v, torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, 16], dtype=torch.int32)
+
+
+def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb):
+    import flashserve
+    from flashserve.autograd import make_params
+
+    rows = []
+    big = max(sizes_mb) * MB
+    payload_chunks = [bytes(CHUNK)] * (big // CHUNK + 1)
+    opts = [("grpc.max_receive_message_length", 80 << 20), ("grpc.max_send_message_length", 80 << 20)]
+    with flashserve.Client(fs_target, timeout=600, transport="bytes") as cb, \
+            flashserve.Client(fs_target, timeout=600, transport="shm") as cs, \
+            grpc.insecure_channel(raw_target, options=opts) as raw:
+        for mb in sizes_mb:
+            q, k, v, cu_q, cu_k = forward_inputs(mb * MB)
+            params = make_params(None, False, (-1, -1), 0.0, 0.0, 0, 0, False, q.shape[0], 16, False)
+            reps = repeats if mb < 64 else max(2, repeats // 2)
+            stats = {}
+
+            def fs_call(client, stats=stats):
+                t0 = time.perf_counter()
+                reply, outs = client.forward(q, k, v, cu_q, cu_k, params)
+                dt = time.perf_counter() - t0
+                stats.setdefault(id(client), []).append((dt, reply.timings))
+                return dt
+
+            up = sum(t.numel() * t.element_size() for t in (q, k, v, cu_q, cu_k))
+            down = q.numel() * q.element_size() + q.shape[0] * 4
+            t_fs = median_time(lambda: fs_call(cb), reps)
+            t_raw = median_time(lambda: raw_round_trip(raw, up, down, payload_chunks), reps)
+            timings = [t for _, t in stats[id(cb)][1:]]
+            row = {"payload_mb": mb, "up_bytes": up, "down_bytes": down,
+                   "flashserve_s": t_fs, "flashserve_mb_s": (up + down) / t_fs / MB,
+                   "raw_grpc_s": t_raw, "raw_grpc_mb_s": (up + down) / t_raw / MB,
+                   "ratio": t_raw / t_fs,
+                   "server_compute_s": statistics.median(t.compute_s for t in timings),
+                   "server_receive_s": statistics.median(t.receive_s for t in timings)}
+            row["ratio_excl_compute"] = t_raw / max(1e-9, t_fs - row["server_compute_s"])
+            if mb >= shm_from_mb:
+                t_shm = median_time(lambda: fs_call(cs), reps)
+                row.update(shm_s=t_shm, shm_mb_s=(up + down) / t_shm / MB, shm_vs_grpc=t_fs / t_shm,
+                           shm_vs_grpc_excl_compute=(t_fs - row["server_compute_s"]) /
+                           max(1e-9, t_shm - row["server_compute_s"]))
+                assert cs.uses_shm()
+            rows.append(row)
+            print(f"  {mb:4d} MB: flashserve {row['flashserve_mb_s']:7.0f} MB/s, raw gRPC {row['raw_grpc_mb_s']:7.0f} "
+                  f"MB/s, ratio {row['ratio']:.2f} (compute {row['server_compute_s'] * 1e3:.1f} ms)"
+                  + (f", shm {row['shm_mb_s']:7.0f} MB/s = {row['shm_vs_grpc']:.1f}x" if "shm_s" in row else ""),
+                  flush=True)
+            del q, k, v
+    return rows
+
+
+# ---- 3: batching on / off -------------------------------------------------------------------------
+def batching_pair(tmpdir, device, concurrency, count, extra):
+    from flashserve.server.loadtest import Workload, run_sweep
+
+    out = {}
+    wl = Workload(tokens=512, heads=16, head_dim=64, dtype="bfloat16", op="forward")
+    for name, flags in (("batching on", ["--batch-tokens", "32768", "--batch-delay-us", "500"]),
+                        ("batching off", ["--batch-tokens", "0"])):
+        srv = Proc(["--backend", "auto", "--allow-shm", "--device", device, *flags, *extra], tmpdir)
+        try:
+            rep = run_sweep(srv.target, wl, [concurrency], duration=60, count=count, warmup=1, transport="shm",
+                            progress=False, client_kwargs=dict(timeout=600))
+        finally:
+            srv.stop()
+        lvl = rep["levels"][0]
+        out[name] = {k: lvl[k] for k in ("requests", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
+                                         "latency_ms", "mean_batch_requests", "launches_per_request")}
+        out[name]["transport"] = rep["transport"]
+        out[name]["server_device"] = rep["server"]["device"]
+        print(f"  {name}: {lvl['requests_per_s']:.1f} req/s, {lvl['launches_per_request']:.3f} launches/request, "
+              f"p50 {lvl['latency_ms']['p50']:.0f} ms, p99 {lvl['latency_ms']['p99']:.0f} ms", flush=True)
+    out["throughput_ratio"] = out["batching on"]["requests_per_s"] / out["batching off"]["requests_per_s"]
+    out["workload"] = dict(wl.shape, concurrency=concurrency, requests=count)
+    return out
+
+
+# ---- 4: residual wire bytes -----------------------------------------------------------------------
+def residual_bytes(fs_target):
+    import flashserve
+    from flashserve.autograd import make_params
+
+    n, h, d = 4096, 16, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(n, h, d, generator=g).bfloat16() for _ in range(4))
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    params = make_params(None, True, (-1, -1), 0.0, 0.0, 0, 0, False, n, n, False)
+    res = {"shape": f"{n} tokens x {h} heads x {d}, bf16, causal"}
+    with flashserve.Client(fs_target, timeout=600, transport="bytes") as c:
+        def moved():
+            return c.bytes_sent, c.bytes_received
+
+        s0, r0 = moved()
+        reply, outs = c.forward(q, k, v, cu, cu, params, keep_residuals=True)
+        s1, r1 = moved()
+        assert reply.residual_handle
+        c.backward(dout, params, residual_handle=reply.residual_handle)
+        s2, r2 = moved()
+        c.release([reply.residual_handle])
+        c.backward(dout, params, q, k, v, outs["out"], outs["softmax_lse"], cu, cu)
+        s3, r3 = moved()
+    fwd_up, fwd_down = s1 - s0, r1 - r0
+    bwd_up, bwd_down = s2 - s1, r2 - r1
+    full_up, full_down = s3 - s2, r3 - r2
+    res.update(forward_up=fwd_up, forward_down=fwd_down, backward_kept_up=bwd_up, backward_kept_down=bwd_down,
+               backward_resend_up=full_up, backward_resend_down=full_down)
+    res["step_vs_forward_upload_kept"] = (fwd_up + bwd_up) / fwd_up
+    res["step_vs_forward_total_kept"] = (fwd_up + fwd_down + bwd_up + bwd_down) / (fwd_up + fwd_down)
+    res["step_vs_forward_upload_resend"] = (fwd_up + full_up) / fwd_up
+    res["step_vs_forward_total_resend"] = (fwd_up + fwd_down + full_up + full_down) / (fwd_up + fwd_down)
+    print(f"  fwd+bwd / fwd wire bytes with residuals: upload {res['step_vs_forward_upload_kept']:.2f}x, both ways "
+          f"{res['step_vs_forward_total_kept']:.2f}x (resending: {res['step_vs_forward_upload_resend']:.2f}x / "
+          f"{res['step_vs_forward_total_resend']:.2f}x)", flush=True)
+    return res
+
+
+# ---- 5: time split --------------------------------------------------------------------------------
+def time_split(fs_target):
+    import flashserve
+    from flashserve.autograd import make_params
+
+    out = {}
+    cases = {"large (64 MB q, bytes)": (forward_inputs(64 * MB), "bytes"),
+             "large (64 MB q, shm)": (forward_inputs(64 * MB), "shm"),
+             "small (512 tok x 16 x 64 bf16, bytes)": (None, "bytes"),
+             "small (512 tok x 16 x 64 bf16, shm)": (None, "shm")}
+    g = torch.Generator().manual_seed(1)
+    small = tuple(torch.randn(512, 16, 64, generator=g).bfloat16() for _ in range(3)) + (
+        torch.tensor([0, 512], dtype=torch.int32),) * 2
+    for name, (inputs, transport) in cases.items():
+        q, k, v, cu_q, cu_k = inputs or small
+        params = make_params(None, False, (-1, -1), 0.0, 0.0, 0, 0, False, q.shape[0], k.shape[0], False)
+        with flashserve.Client(fs_target, timeout=600, transport=transport) as c:
+            c.forward(q, k, v, cu_q, cu_k, params)  # warm-up
+            best = None
+            for _ in range(3):
+                t0 = time.perf_counter()
+                reply, _ = c.forward(q, k, v, cu_q, cu_k, params)
+                total = time.perf_counter() - t0
+                if best is None or total < best[0]:
+                    best = (total, reply.timings)
+        total, t = best
+        server = t.queue_s + t.copy_in_s + t.compute_s + t.copy_out_s
+        out[name] = {"total_ms": total * 1e3, "receive_ms": t.receive_s * 1e3, "queue_ms": t.queue_s * 1e3,
+                     "copy_in_ms": t.copy_in_s * 1e3, "compute_ms": t.compute_s * 1e3,
+                     "copy_out_ms": t.copy_out_s * 1e3, "wire_and_rest_ms": (total - server) * 1e3,
+                     "batch_requests": t.batch_requests}
+        print(f"  {name}: total {total * 1e3:.1f} ms = compute {t.compute_s * 1e3:.1f} + queue {t.queue_s * 1e3:.2f} + "
+              f"copies {(t.copy_in_s + t.copy_out_s) * 1e3:.2f} + wire/rest {(total - server) * 1e3:.1f}", flush=True)
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"model name\s*:\s*(.+)", f.read())
+            cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1))
+            mem = f"{kib / 2**20:.0f} GiB RAM"
+    except (OSError, AttributeError):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cpus, {mem}{gpu}"
+
+
+def to_markdown(r) -> str:
+    L = [f"# flashserve service benchmark ({r['device']})", "",
+         f"- date: {r['date']}", f"- machine: {r['machine']}",
+         f"- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+         f"- command: `{r['command']}` (total {r['total_s']:.0f} s)", "",
+         "## 1-2. Forward round trips over loopback vs raw gRPC bytes, and shared memory", "",
+         "Payload = q (head dim 256, one head, fp32) up plus out + lse down; k/v are 16 tokens, so compute is small "
+         "and reported apart. MB/s = (bytes up + bytes down) / round-trip time, median of the repeats. "
+         "Raw gRPC = a generic grpcio server (own process) reading the same number of bytes as 4 MB messages and "
+         "streaming as many back.", "",
+         "| payload up | flashserve gRPC MB/s | raw gRPC MB/s | ratio | server compute ms | ratio excl. compute | "
+         "shm MB/s | shm / gRPC chunks |",
+         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in r["payload"]:
+        shm = (f"{row['shm_mb_s']:.0f} | {row['shm_vs_grpc']:.1f}x"
+               if "shm_s" in row else "- | -")
+        L.append(f"| {row['payload_mb']} MB | {row['flashserve_mb_s']:.0f} | {row['raw_grpc_mb_s']:.0f} | "
+                 f"{row['ratio']:.2f} | {row['server_compute_s'] * 1e3:.1f} | {row['ratio_excl_compute']:.2f} | {shm} |")
+    if r.get("batching"):
+        b = r["batching"]
+        w = b["workload"]
+        L += ["", f"## 3. Batching on / off ({w['concurrency']} concurrent clients, {w['requests']} forward requests of "
+                  f"{w['tokens']} tokens x {w['heads']} heads x {w['head_dim']} {w['dtype']}, transport "
+                  f"{b['batching on']['transport']}, server on {b['batching on']['server_device']})", "",
+              "| setting | req/s | tokens/s | kernel launches / request | mean requests / launch | p50 ms | p99 ms | "
+              "errors |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name in ("batching on", "batching off"):
+            x = b[name]
+            L.append(f"| {name} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:.0f} | {x['launches_per_request']:.3f} | "
+                     f"{x['mean_batch_requests']:.2f} | {x['latency_ms']['p50']:.0f} | {x['latency_ms']['p99']:.0f} | "
+                     f"{x['error_count']} |")
+        L.append(f"\nthroughput on / off: {b['throughput_ratio']:.2f}x")
+    rb = r["residuals"]
+    L += ["", f"## 4. Residuals: wire bytes of one training step ({rb['shape']}, gRPC chunks)", "",
+          "| | up (client to server) | down | total |", "| --- | ---: | ---: | ---: |",
+          f"| forward (keep residuals) | {rb['forward_up']:,} | {rb['forward_down']:,} | "
+          f"{rb['forward_up'] + rb['forward_down']:,} |",
+          f"| backward with handle (dout only) | {rb['backward_kept_up']:,} | {rb['backward_kept_down']:,} | "
+          f"{rb['backward_kept_up'] + rb['backward_kept_down']:,} |",
+          f"| backward resending everything | {rb['backward_resend_up']:,} | {rb['backward_resend_down']:,} | "
+          f"{rb['backward_resend_up'] + rb['backward_resend_down']:,} |", "",
+          f"fwd+bwd / fwd: upload {rb['step_vs_forward_upload_kept']:.2f}x with residuals "
+          f"({rb['step_vs_forward_upload_resend']:.2f}x resending); both directions "
+          f"{rb['step_vs_forward_total_kept']:.2f}x ({rb['step_vs_forward_total_resend']:.2f}x resending)."]
+    L += ["", "## 5. Server-side time split (best of 3, one request at a time)", "",
+          "| request | total ms | receive ms | queue ms | copy in ms | compute ms | copy out ms | wire + rest ms |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, t in r["time_split"].items():
+        L.append(f"| {name} | {t['total_ms']:.1f} | {t['receive_ms']:.1f} | {t['queue_ms']:.2f} | {t['copy_in_ms']:.2f} | "
+                 f"{t['compute_ms']:.1f} | {t['copy_out_ms']:.2f} | {t['wire_and_rest_ms']:.1f} |")
+    L += ["", "receive = first frame to last input byte on the server (part of the wire); wire + rest = total minus "
+              "queue, copies and compute (client encode/decode, gRPC both ways, validation)."]
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--raw-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="sizes up to 64 MB, fewer repeats and requests")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--concurrency", type=int, default=64, help="clients in the batching comparison")
+    p.add_argument("--batch-requests", type=int, default=0, help="requests per batching setting (0: by device)")
+    p.add_argument("--skip-batching", action="store_true")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args(argv)
+    if args.raw_server:
+        raw_server_main(args.raw_server)
+        return 0
+    t_start = time.perf_counter()
+    import tempfile
+
+    import flashserve
+
+    sizes = [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 128, 256]
+    repeats = 3 if args.quick else 5
+    tmp = tempfile.mkdtemp(prefix="fsbench")
+    extra = ["--max-concurrent", "256", "--device", args.device]
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "device": args.device,
+              "versions": {"flashserve": flashserve.__version__, "torch": torch.__version__,
+                           "grpcio": grpc.__version__, "python": platform.python_version()},
+              "command": "python bench/service.py " + " ".join(a for a in (argv or sys.argv[1:]))}
+    fs = Proc(["--backend", "auto", "--allow-shm", *extra], tmp)
+    raw = Proc([], tmp, raw=True)
+    try:
+        print(f"1-2. payload sweep ({fs.target} vs raw {raw.target})", flush=True)
+        report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64)
+        print("4. residual wire bytes", flush=True)
+        report["residuals"] = residual_bytes(fs.target)
+        print("5. time split", flush=True)
+        report["time_split"] = time_split(fs.target)
+    finally:
+        fs.stop()
+        raw.stop()
+    if not args.skip_batching:
+        n = args.batch_requests or (2048 if args.device == "cuda" else (64 if args.quick else 128))
+        print(f"3. batching on/off ({args.concurrency} clients, {n} requests each setting)", flush=True)
+        report["batching"] = batching_pair(tmp, args.device, args.concurrency, n,
+                                           ["--max-concurrent", str(max(256, 2 * args.concurrency))])
+    report["total_s"] = time.perf_counter() - t_start
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"service_{args.device}_{report['date'][:10]}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(to_markdown(report))
+    print(f"wrote {stem}.json and {stem}.md ({report['total_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
