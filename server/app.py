@@ -56,6 +56,7 @@ async def build_server(config: ServerConfig, backend: Optional[Backend] = None) 
     residuals = ResidualStore(config.residual_bytes, config.residual_ttl_s) if config.residual_bytes > 0 else None
     shm = ShmTransport(scheduler.allocate) if config.allow_shm else None
     service = AttentionService(backend, config, scheduler, residuals=residuals, shm=shm)
+    scheduler.upstream = lambda: service.in_flight  # lets the batcher skip its delay when no one else is sending
     add_to_server(service, server)  # the generated registration, with the fast frame codec
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

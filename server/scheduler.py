@@ -293,6 +293,10 @@ class Scheduler:
         self._timer: Optional[asyncio.TimerHandle] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closed = False
+        self._active = 0  # jobs inside the scheduler (queued or computing)
+        # Requests the server is handling in all (set by the app to the service's in-flight count). When every
+        # one of them is already inside the scheduler, no batch-mate can be on its way: launch without delay.
+        self.upstream: Optional[Callable[[], int]] = None
         if pinned is None:
             pinned = backend.device.type == "cuda"
         # Pinned staging: torch's caching host allocator is the pool (freed blocks are cached and
@@ -333,12 +337,17 @@ class Scheduler:
         if key is not None and batch.tokens >= self.batch_tokens:
             batch.full = True
             self._open.pop(key, None)
+        self._active += 1
+        if self.upstream is not None and self.upstream() <= self._active:
+            batch.due = now  # nobody else is sending: waiting could only add latency
         self._pump()
         try:
             return await fut
         except asyncio.CancelledError:
             fut.cancel()  # a member cancelled before launch is skipped at launch
             raise
+        finally:
+            self._active -= 1
 
     # -- dispatch, on the event loop
     def _pump(self) -> None:

@@ -272,3 +272,18 @@ def test_server_deadline_shorter_than_batch_delay(batching_server):
     t0 = time.monotonic()
     reply, outs = _forward(batching_server.target, q, k, v, cu_q, cu_k, timeout=0.25)  # delay is 0.3 s
     assert time.monotonic() - t0 < 0.25 and outs["out"].shape == q.shape
+
+
+def test_no_delay_when_no_one_else_is_sending():
+    gen = torch.Generator().manual_seed(8)
+    job = make_job(gen, [8])
+
+    async def main():
+        sched = Scheduler(BACKEND, workers=1, batch_tokens=1 << 20, batch_delay_us=3_000_000)
+        sched.upstream = lambda: 1  # the server handles this request alone
+        t0 = time.monotonic()
+        await sched.run(job)
+        await sched.close()
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 1.0 and job.timings["queue_s"] < 0.5
