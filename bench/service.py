@@ -150,7 +150,7 @@ def forward_inputs(up_bytes: int, dtype=torch.float32):
     return q, k, v, torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, 16], dtype=torch.int32)
 
 
-def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb):
+def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=torch.float32):
     import flashserve
     from flashserve.autograd import make_params
 
@@ -162,7 +162,7 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb):
             flashserve.Client(fs_target, timeout=600, transport="shm") as cs, \
             grpc.insecure_channel(raw_target, options=opts) as raw:
         for mb in sizes_mb:
-            q, k, v, cu_q, cu_k = forward_inputs(mb * MB)
+            q, k, v, cu_q, cu_k = forward_inputs(mb * MB, dtype)
             params = make_params(None, False, (-1, -1), 0.0, 0.0, 0, 0, False, q.shape[0], 16, False)
             reps = repeats if mb < 64 else max(2, repeats // 2)
             stats = {}
@@ -267,13 +267,14 @@ def residual_bytes(fs_target):
 
 
 # ---- 5: time split --------------------------------------------------------------------------------
-def time_split(fs_target):
+def time_split(fs_target, dtype=torch.float32):
     import flashserve
     from flashserve.autograd import make_params
 
     out = {}
-    cases = {"large (64 MB q, bytes)": (forward_inputs(64 * MB), "bytes"),
-             "large (64 MB q, shm)": (forward_inputs(64 * MB), "shm"),
+    large = forward_inputs(64 * MB, dtype)
+    cases = {"large (64 MB q, bytes)": (large, "bytes"),
+             "large (64 MB q, shm)": (large, "shm"),
              "small (512 tok x 16 x 64 bf16, bytes)": (None, "bytes"),
              "small (512 tok x 16 x 64 bf16, shm)": (None, "shm")}
     g = torch.Generator().manual_seed(1)
@@ -328,7 +329,7 @@ def to_markdown(r) -> str:
          f"- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
          f"- command: `{r['command']}` (total {r['total_s']:.0f} s)", "",
          "## 1-2. Forward round trips over loopback vs raw gRPC bytes, and shared memory", "",
-         "Payload = q (head dim 256, one head, fp32) up plus out + lse down; k/v are 16 tokens, so compute is small "
+         "Payload = q (head dim 256, one head; fp32 on CPU, bf16 on CUDA) up plus out + lse down; k/v are 16 tokens, so compute is small "
          "and reported apart. MB/s = (bytes up + bytes down) / round-trip time, median of the repeats. "
          "Raw gRPC = a generic grpcio server (own process) reading the same number of bytes as 4 MB messages and "
          "streaming as many back.", "",
@@ -398,6 +399,7 @@ def main(argv=None) -> int:
     sizes = [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 128, 256]
     repeats = 3 if args.quick else 5
     tmp = tempfile.mkdtemp(prefix="fsbench")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # the flash backend takes 16-bit
     extra = ["--max-concurrent", "256", "--device", args.device]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "device": args.device,
@@ -408,11 +410,11 @@ def main(argv=None) -> int:
     raw = Proc([], tmp, raw=True)
     try:
         print(f"1-2. payload sweep ({fs.target} vs raw {raw.target})", flush=True)
-        report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64)
+        report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64, dtype=dtype)
         print("4. residual wire bytes", flush=True)
         report["residuals"] = residual_bytes(fs.target)
         print("5. time split", flush=True)
-        report["time_split"] = time_split(fs.target)
+        report["time_split"] = time_split(fs.target, dtype)
     finally:
         fs.stop()
         raw.stop()
