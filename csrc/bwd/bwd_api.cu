@@ -185,12 +185,12 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   if (p.deterministic && nkb > 1) {
     // Block x of a head handles K/V blocks x, x + S, ... (S = num_splits) and owns dq_accum slice x. Choose S to
     // minimise (waves of S * b * h blocks, one resident per SM) x (K/V blocks per block), i.e. the critical path
-    // in K/V-block steps, with the slices under 1 GiB; ties go to the smaller S.
+    // in K/V-block steps, with the slices within 2 GiB; ties go to the smaller S (less zeroing and summing).
     const int64_t bh = (int64_t)p.b * p.h, sms = p.num_sms > 0 ? p.num_sms : 132;
     const size_t slice_bytes = (size_t)p.total_q * p.h * p.d * sizeof(float);
     int64_t best_cost = -1;
     for (int sp = 1; sp <= nkb && sp <= 256; ++sp) {
-      if (sp > 1 && (size_t)sp * slice_bytes > ((size_t)1 << 30)) break;
+      if (sp > 1 && (size_t)sp * slice_bytes > ((size_t)2 << 30)) break;
       const int64_t waves = (sp * bh + sms - 1) / sms, per = (nkb + sp - 1) / sp;
       if (best_cost < 0 || waves * per < best_cost) {
         best_cost = waves * per;

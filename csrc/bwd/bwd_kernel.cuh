@@ -510,9 +510,7 @@ cudaError_t launch_main(const BwdParams& p, cudaStream_t stream) {
 // Picks the Q/dO buffering that fits the device's shared memory (A100: 163 KB per block; H100: 227 KB).
 template <typename T, int kD>
 cudaError_t run_main_impl(const BwdParams& p, cudaStream_t stream, size_t smem_optin) {
-  if constexpr (kD > 128) {
-    return launch_main<T, kD, 1>(p, stream);
-  } else if constexpr (kD < 128) {
+  if constexpr (kD < 128) {
     return launch_main<T, kD, 2>(p, stream);  // fits in 163 KB
   } else {
     if ((size_t)Traits<kD, 2>::kSmemBytes <= smem_optin) return launch_main<T, kD, 2>(p, stream);
