@@ -44,7 +44,10 @@ class FlashBackend(Backend):
     def __init__(self, device: Optional[torch.device] = None, num_splits: int = 0):
         if not torch.cuda.is_available():
             raise ImportError("flashserve._C is built but no CUDA device is available")
-        self._device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        dev = torch.device(device) if device is not None else torch.device("cuda")
+        if dev.type != "cuda":
+            raise ValueError(f"the flash backend runs on CUDA devices, got {dev}")
+        self._device = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
         self.num_splits = int(num_splits)  # 0: chosen per call by the kernel's heuristic
         cfg = _C.compiled_configs()
         self._dtypes = tuple(_DTYPES[d] for d in cfg["dtypes"])
