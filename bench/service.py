@@ -327,6 +327,8 @@ def to_markdown(r) -> str:
     L = [f"# flashserve service benchmark ({r['device']})", "",
          f"- date: {r['date']}", f"- machine: {r['machine']}",
          f"- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+         f"- server backend: {r.get('server', {}).get('backend', 'not recorded')} on "
+         f"{r.get('server', {}).get('device', r['device'])}",
          f"- command: `{r['command']}` (total {r['total_s']:.0f} s)", "",
          "## 1-2. Forward round trips over loopback vs raw gRPC bytes, and shared memory", "",
          "Payload = q (head dim 256, one head; fp32 on CPU, bf16 on CUDA) up plus out + lse down; k/v are 16 tokens, so compute is small "
@@ -409,7 +411,10 @@ def main(argv=None) -> int:
     fs = Proc(["--backend", "auto", "--allow-shm", *extra], tmp)
     raw = Proc([], tmp, raw=True)
     try:
-        print(f"1-2. payload sweep ({fs.target} vs raw {raw.target})", flush=True)
+        with flashserve.Client(fs.target, timeout=60) as c:
+            info = c.server_info()
+            report["server"] = {"backend": info.backend, "device": info.device}
+        print(f"1-2. payload sweep ({fs.target} vs raw {raw.target}, {info.backend} backend)", flush=True)
         report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64, dtype=dtype)
         print("4. residual wire bytes", flush=True)
         report["residuals"] = residual_bytes(fs.target)
