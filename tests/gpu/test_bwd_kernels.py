@@ -9,15 +9,11 @@ function it does compute (same inputs, plain causal or not) and the error of tor
 the case's own function. O and LSE come from the float32 reference, so the test does not
 depend on the forward kernel.
 
-The kernels are taken from flashserve._C.bwd when the extension has it (and FLASHSERVE_BWD_HARNESS is not 1);
-otherwise a small harness extension is built from csrc/bwd/ with torch.utils.cpp_extension (head dims and dtypes
-limited by FLASHSERVE_HEADDIMS / FLASHSERVE_DTYPES as in csrc/build_config.py).
-
-`python tests/gpu/test_bwd_kernels.py --bench` prints backward TFLOP/s beside torch SDPA FLASH and CUDNN.
+The kernels are flashserve._C.bwd; cases whose head-dim class or dtype the build left out are skipped. Speed is
+measured by `bench/kernels.py --ops bwd`, not here. FLASHSERVE_BWD_REPORT=path appends one line of errors per case.
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import math
 import os
@@ -29,7 +25,6 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CSRC = os.path.join(REPO, "csrc")
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -43,168 +38,34 @@ def _philox():
 
 
 # ----------------------------------------------------------------------------------------------
-# The kernels: flashserve._C.bwd, or a harness extension built from csrc/bwd/.
-
-HARNESS_BINDING = r"""
-#include <torch/extension.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include "bwd/bwd_params.h"
-
-namespace {
-at::Tensor prep(const at::Tensor& t, int64_t d8) {
-  at::Tensor x = t;
-  if (x.size(-1) != d8) x = at::constant_pad_nd(x, {0, d8 - x.size(-1)}, 0);
-  if (x.stride(-1) != 1 || x.stride(0) % 8 || x.stride(1) % 8 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16)
-    x = x.contiguous();
-  return x;
-}
-}  // namespace
-
-std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
-                            at::Tensor softmax_lse, at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k,
-                            int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
-                            int64_t window_left, int64_t window_right, double softcap,
-                            c10::optional<at::Tensor> alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
-                            bool deterministic) {
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && out.is_cuda() && dout.is_cuda() && softmax_lse.is_cuda(),
-              "bwd: all tensors must be on the GPU");
-  auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "bwd: q must be float16 or bfloat16");
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && out.scalar_type() == dt && dout.scalar_type() == dt,
-              "bwd: q, k, v, out, dout must share one dtype");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "bwd: q, k, v must be (total, heads, head_dim)");
-  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), "bwd: out and dout must have q's shape");
-  TORCH_CHECK(k.sizes() == v.sizes(), "bwd: k and v must have one shape");
-  const int64_t total_q = q.size(0), h = q.size(1), d = q.size(2), total_k = k.size(0), h_k = k.size(1);
-  TORCH_CHECK(k.size(2) == d, "bwd: k head dim differs from q's");
-  TORCH_CHECK(d >= 1 && d <= 256, "bwd: head dim must be in [1, 256]");
-  TORCH_CHECK(h_k >= 1 && h % h_k == 0, "bwd: heads_q must be a multiple of heads_k");
-  TORCH_CHECK(softmax_lse.scalar_type() == at::kFloat && softmax_lse.dim() == 2 && softmax_lse.size(0) == h &&
-              softmax_lse.size(1) == total_q, "bwd: softmax_lse must be float32 (heads_q, total_q)");
-  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_k.scalar_type() == at::kInt &&
-              cu_seqlens_q.dim() == 1 && cu_seqlens_q.numel() == cu_seqlens_k.numel() && cu_seqlens_q.numel() >= 1,
-              "bwd: cu_seqlens_q/k must be int32 (batch + 1)");
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "bwd: dropout_p must be in [0, 1)");
-  const int64_t batch = cu_seqlens_q.numel() - 1;
-  c10::cuda::CUDAGuard guard(q.device());
-
-  const int64_t d8 = (d + 7) / 8 * 8;
-  at::Tensor qp = prep(q, d8), kp = prep(k, d8), vp = prep(v, d8), op = prep(out, d8), dop = prep(dout, d8);
-  at::Tensor lse = softmax_lse.contiguous();
-  at::Tensor cuq = cu_seqlens_q.contiguous(), cuk = cu_seqlens_k.contiguous();
-  auto opts = q.options();
-  at::Tensor dq = at::empty({total_q, h, d8}, opts), dk = at::empty({total_k, h_k, d8}, opts),
-             dv = at::empty({total_k, h_k, d8}, opts);
-
-  flashserve::bwd::BwdParams p{};
-  p.q = qp.data_ptr(); p.k = kp.data_ptr(); p.v = vp.data_ptr(); p.o = op.data_ptr(); p.dout = dop.data_ptr();
-  p.q_row_stride = qp.stride(0); p.q_head_stride = qp.stride(1);
-  p.k_row_stride = kp.stride(0); p.k_head_stride = kp.stride(1);
-  p.v_row_stride = vp.stride(0); p.v_head_stride = vp.stride(1);
-  p.o_row_stride = op.stride(0); p.o_head_stride = op.stride(1);
-  p.do_row_stride = dop.stride(0); p.do_head_stride = dop.stride(1);
-  p.lse = lse.data_ptr<float>();
-  p.cu_seqlens_q = cuq.data_ptr<int>(); p.cu_seqlens_k = cuk.data_ptr<int>();
-  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
-  p.total_q = (int)total_q; p.total_k = (int)total_k; p.b = (int)batch; p.h = (int)h; p.h_k = (int)h_k;
-  p.d = (int)d8; p.max_seqlen_q = (int)max_seqlen_q; p.max_seqlen_k = (int)max_seqlen_k;
-  p.is_bf16 = dt == at::kBFloat16;
-  p.scale = (float)softmax_scale; p.softcap = (float)softcap;
-  p.window_left = window_left < 0 ? -1 : (int)window_left;
-  p.window_right = causal ? 0 : (window_right < 0 ? -1 : (int)window_right);
-  at::Tensor alibi;
-  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
-    alibi = alibi_slopes->contiguous();
-    TORCH_CHECK(alibi.scalar_type() == at::kFloat && alibi.is_cuda(), "bwd: alibi_slopes must be float32 on the GPU");
-    TORCH_CHECK((alibi.dim() == 1 && alibi.size(0) == h) || (alibi.dim() == 2 && alibi.size(0) == batch && alibi.size(1) == h),
-                "bwd: alibi_slopes must be (heads_q,) or (batch, heads_q)");
-    p.alibi = alibi.data_ptr<float>(); p.alibi_batch_stride = alibi.dim() == 2 ? h : 0;
-  }
-  p.p_drop = (float)dropout_p; p.seed = (uint64_t)seed; p.offset = (uint64_t)offset;
-  p.deterministic = deterministic;
-  int n_sm = 0;
-  cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, q.get_device());
-  p.num_sms = n_sm > 0 ? n_sm : 132;
-
-  flashserve::bwd::BwdWorkspace ws{};
-  std::string msg = flashserve::bwd::plan(p, &ws);
-  TORCH_CHECK(msg.empty(), msg);
-  auto fopts = q.options().dtype(at::kFloat);
-  at::Tensor dsum = at::empty({(int64_t)ws.dsum_floats}, fopts);
-  at::Tensor dq_accum = at::empty({(int64_t)ws.dq_accum_floats}, fopts);
-  at::Tensor dk_accum, dv_accum;
-  if (ws.dkv_accum_floats) {
-    dk_accum = at::empty({(int64_t)ws.dkv_accum_floats}, fopts);
-    dv_accum = at::empty({(int64_t)ws.dkv_accum_floats}, fopts);
-    p.dk_accum = dk_accum.data_ptr<float>(); p.dv_accum = dv_accum.data_ptr<float>();
-  }
-  p.dsum = dsum.data_ptr<float>(); p.dq_accum = dq_accum.data_ptr<float>();
-  msg = flashserve::bwd::run(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(msg.empty(), msg);
-  if (d8 != d) {
-    dq = dq.narrow(2, 0, d); dk = dk.narrow(2, 0, d); dv = dv.narrow(2, 0, d);
-  }
-  return {dq, dk, dv};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("bwd", &bwd, "flashserve backward (harness)"); }
-"""
-
-_BWD = None
+# The kernels: flashserve._C.bwd (csrc/binding.cpp).
 
 
-def _env_list(name, default):
-    raw = os.environ.get(name, "").strip()
-    return [x.strip().lower() for x in raw.split(",") if x.strip()] if raw else list(default)
+def _compiled():
+    try:
+        from flashserve import _C
+    except ImportError:
+        return None
+    return _C.compiled_configs() if hasattr(_C, "bwd") else None
 
 
 def compiled_head_dims():
-    return sorted(int(x) for x in _env_list("FLASHSERVE_HEADDIMS", HEAD_DIMS))
+    cfg = _compiled()
+    return sorted(cfg["head_dims"]) if cfg else []
 
 
 def compiled_dtypes():
-    names = _env_list("FLASHSERVE_DTYPES", ("fp16", "bf16"))
-    return [{"fp16": torch.float16, "bf16": torch.bfloat16}[n] for n in names]
+    cfg = _compiled()
+    names = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    return [names[n] for n in cfg["dtypes"]] if cfg else []
 
 
 def get_bwd():
-    global _BWD
-    if _BWD is not None:
-        return _BWD
-    if os.environ.get("FLASHSERVE_BWD_HARNESS") != "1":
-        try:
-            import flashserve._C as C  # noqa: N812
+    from flashserve import _C
 
-            if hasattr(C, "bwd"):
-                _BWD = C.bwd
-                return _BWD
-        except ImportError:
-            pass
-    from torch.utils.cpp_extension import load
-
-    build = os.environ.get("FLASHSERVE_BWD_BUILD", os.path.join(REPO, "build", "bwd_harness"))
-    os.makedirs(build, exist_ok=True)
-    binding = os.path.join(build, "bwd_harness.cpp")
-    if not os.path.exists(binding) or open(binding).read() != HARNESS_BINDING:
-        with open(binding, "w") as f:
-            f.write(HARNESS_BINDING)
-    defines = [f"-DFLASHSERVE_HD_{hd}" for hd in compiled_head_dims()]
-    defines += [f"-DFLASHSERVE_DT_{n.upper()}" for n in _env_list("FLASHSERVE_DTYPES", ("fp16", "bf16"))]
-    major, _ = torch.cuda.get_device_capability()
-    arch = "-gencode=arch=compute_90a,code=sm_90a" if major == 9 else "-gencode=arch=compute_80,code=sm_80"
-    srcs = [binding, os.path.join(CSRC, "bwd", "bwd_api.cu")] + sorted(glob.glob(os.path.join(CSRC, "bwd", "inst", "*.cu")))
-    mod = load(
-        name="flashserve_bwd_harness",
-        sources=srcs,
-        extra_include_paths=[CSRC],
-        extra_cflags=["-O3", "-std=c++17"] + defines,
-        extra_cuda_cflags=[arch, "-O3", "-std=c++17", "-lineinfo", "--threads=2"] + defines,
-        build_directory=build,
-        verbose=os.environ.get("FLASHSERVE_BWD_VERBOSE") == "1",
-    )
-    _BWD = mod.bwd
-    return _BWD
+    if not hasattr(_C, "bwd"):
+        pytest.skip("flashserve._C has no bwd")
+    return _C.bwd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,10 +176,16 @@ def poison_allocator(shapes, dtype):
 
 def run_ours(q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, causal=False, wl=-1, wr=-1, softcap=0.0,
              alibi=None, p_drop=0.0, seed=0, offset=0, deterministic=False):
+    from flashserve import _C
+
     poison_allocator([q.shape, k.shape, v.shape], q.dtype)
-    dq, dk, dv = get_bwd()(dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, scale, causal, wl, wr, softcap, alibi,
-                           p_drop, seed, offset, deterministic)
-    torch.cuda.synchronize()
+    _C.debug_poison_outputs(True)  # the binding also fills dq/dk/dv with NaN before the launch
+    try:
+        dq, dk, dv = get_bwd()(dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, scale, causal, wl, wr, softcap, alibi,
+                               p_drop, seed, offset, deterministic)
+        torch.cuda.synchronize()
+    finally:
+        _C.debug_poison_outputs(False)
     return dq, dk, dv
 
 
@@ -470,7 +337,7 @@ def test_bad_input_message():
     _skip_uncompiled(torch.bfloat16, 64)
     q, k, v, dout, cu_q, cu_k, mq, mk = make_case(torch.bfloat16, 64, [10], hq=3, hk=2)
     lse = torch.zeros(3, q.shape[0], device="cuda")
-    with pytest.raises(RuntimeError, match="multiple of heads_k"):
+    with pytest.raises(RuntimeError, match="multiple of heads"):
         get_bwd()(dout, q, k, v, q, lse, cu_q, cu_k, mq, mk, 0.1, False, -1, -1, 0.0, None, 0.0, 0, 0, False)
 
 
@@ -490,7 +357,7 @@ def test_compute_sanitizer(tool):
     dims = [d for d in (64, 256) if d in compiled_head_dims()]
     if not dims or torch.bfloat16 not in compiled_dtypes():
         pytest.skip("no compiled class")
-    get_bwd()  # build outside the sanitizer
+    get_bwd()
     code = SANITIZER_CASE.format(tests=os.path.dirname(os.path.abspath(__file__)), dims=dims)
     cmd = ["compute-sanitizer", f"--tool={tool}", "--error-exitcode=3", "--kernel-name", "kns=bwd_",
            sys.executable, "-c", code]
@@ -498,93 +365,3 @@ def test_compute_sanitizer(tool):
     tail = (r.stdout + r.stderr)[-4000:]
     assert r.returncode == 0 and "SANITIZER_CASE_DONE" in r.stdout, tail
     assert "ERROR SUMMARY: 0 errors" in r.stdout + r.stderr or "RACECHECK SUMMARY: 0 hazards" in r.stdout + r.stderr, tail
-
-
-# ----------------------------------------------------------------------------------------------
-# Benchmark (not a test): python tests/gpu/test_bwd_kernels.py --bench [--json PATH]
-
-
-def _time_ms(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def bench_rows(rows, dtype=torch.bfloat16, tokens=16384):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    out_rows = []
-    for d, seqlen, causal in rows:
-        if d not in compiled_head_dims():
-            continue
-        heads = 2048 // d
-        batch = tokens // seqlen
-        scale = 1.0 / math.sqrt(d)
-        q = torch.randn(batch, heads, seqlen, d, device="cuda", dtype=dtype)
-        k, v, do = torch.randn_like(q), torch.randn_like(q), torch.randn_like(q)
-        flops = 2.5 * 4 * batch * heads * seqlen * seqlen * d / (2 if causal else 1)
-        res = {"op": "bwd", "dtype": str(dtype).split(".")[-1], "head_dim": d, "batch": batch, "heads": heads,
-               "seqlen_q": seqlen, "seqlen_k": seqlen, "causal": causal}
-        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-            try:
-                qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
-                with sdpa_kernel(backend):
-                    o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
-                ms = _time_ms(lambda: torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True))
-                res[f"{name}_tflops"] = flops / ms / 1e9
-            except Exception:  # noqa: BLE001 - a backend that cannot run the row
-                res[f"{name}_tflops"] = None
-        # Ours: packed layout; O and LSE from SDPA flash (the same function).
-        qp, kp, vp, dop = (x.transpose(1, 2).reshape(batch * seqlen, heads, d).contiguous() for x in (q, k, v, do))
-        cu = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seqlen
-        s_lse = torch.empty(heads, batch * seqlen, device="cuda")
-        outp = torch.empty_like(qp)
-        for bi in range(batch):  # O and LSE in float32, one sequence at a time
-            qf = q[bi].float()
-            s = torch.einsum("hqd,hkd->hqk", qf, k[bi].float()) * scale
-            if causal:
-                s.masked_fill_(torch.ones(seqlen, seqlen, device="cuda", dtype=torch.bool).triu(1), float("-inf"))
-            lse = torch.logsumexp(s, -1)
-            outp[bi * seqlen:(bi + 1) * seqlen] = torch.einsum("hqk,hkd->qhd", torch.exp(s - lse[..., None]),
-                                                               v[bi].float()).to(dtype)
-            s_lse[:, bi * seqlen:(bi + 1) * seqlen] = lse
-            del s
-        bwd = get_bwd()
-        for det in (False, True):
-            ms = _time_ms(lambda: bwd(dop, qp, kp, vp, outp, s_lse, cu, cu, seqlen, seqlen, scale, causal, -1, -1, 0.0,
-                                      None, 0.0, 0, 0, det))
-            res["ours_det_tflops" if det else "ours_tflops"] = flops / ms / 1e9
-        out_rows.append(res)
-        torch.cuda.empty_cache()
-    return out_rows
-
-
-BENCH_GRID = [(64, 1024, False), (64, 4096, False), (64, 4096, True), (128, 1024, False), (128, 2048, True),
-              (128, 4096, False), (128, 8192, False), (128, 8192, True), (256, 4096, False), (256, 8192, True)]
-
-if __name__ == "__main__":
-    import json
-
-    if "--bench" in sys.argv:
-        rows = bench_rows(BENCH_GRID)
-        if "--json" in sys.argv:
-            with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
-                json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                           "rows": rows}, f, indent=1)
-        fmt = lambda x: "  -  " if x is None else f"{x:6.1f}"  # noqa: E731
-        print("bwd  d  seqlen causal |  ours  det  | flash cudnn | ours/flash det/ours")
-        for r in rows:
-            fl = r["sdpa_flash_tflops"]
-            print(f"bwd {r['head_dim']:3d} {r['seqlen_q']:6d} {str(r['causal']):5s} | {fmt(r['ours_tflops'])} "
-                  f"{fmt(r['ours_det_tflops'])} | {fmt(fl)} {fmt(r['sdpa_cudnn_tflops'])} | "
-                  f"{(r['ours_tflops'] / fl if fl else float('nan')):5.2f} {r['ours_det_tflops'] / r['ours_tflops']:5.2f}")
