@@ -1,6 +1,5 @@
 // Backward pass: preprocess (D = rowsum(dO * O), dQ accumulator zeroing), dispatch of the main kernel,
 // postprocess (dQ accumulator -> dq, GQA dK/dV reduction, zeroing of K rows past the last sequence).
-#include <cstdio>
 #include <string>
 
 #include "bwd_kernel.cuh"
