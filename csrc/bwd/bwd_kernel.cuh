@@ -390,7 +390,9 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
               }
               pv[e] = pd;
               dsv[e] = dsx;
+              (void)th;
             }
+            (void)keep_bits;
             const int r0 = kr0 + g;
             *reinterpret_cast<uint32_t*>(sP_ptr + r0 * kPRow + ql) = Mma::pack(pv[0], pv[1]);
             *reinterpret_cast<uint32_t*>(sP_ptr + (r0 + 8) * kPRow + ql) = Mma::pack(pv[2], pv[3]);
