@@ -219,11 +219,22 @@ std::string run(BwdParams& p, cudaStream_t stream) {
     if ((e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
       return cuda_msg("cudaDeviceGetAttribute", e);
     e = cudaErrorInvalidValue;
+    // Only the dtypes selected at build time exist (FLASHSERVE_DTYPES); plan() has already
+    // rejected the others, so an uncompiled one can only be reached by a bug.
+#if defined(FLASHSERVE_DT_BF16)
+#define FS_CALL_BF16(D) run_main_hd##D##_bf16(p, stream, (size_t)optin)
+#else
+#define FS_CALL_BF16(D) cudaErrorInvalidValue
+#endif
+#if defined(FLASHSERVE_DT_FP16)
+#define FS_CALL_FP16(D) run_main_hd##D##_fp16(p, stream, (size_t)optin)
+#else
+#define FS_CALL_FP16(D) cudaErrorInvalidValue
+#endif
     switch (p.head_dim_class) {
 #define FS_DISPATCH(D)                                                            \
   case D:                                                                         \
-    e = p.is_bf16 ? run_main_hd##D##_bf16(p, stream, (size_t)optin)                \
-                  : run_main_hd##D##_fp16(p, stream, (size_t)optin);              \
+    e = p.is_bf16 ? FS_CALL_BF16(D) : FS_CALL_FP16(D);                            \
     break;
 #if defined(FLASHSERVE_HD_32)
       FS_DISPATCH(32)
@@ -244,6 +255,8 @@ std::string run(BwdParams& p, cudaStream_t stream) {
       FS_DISPATCH(256)
 #endif
 #undef FS_DISPATCH
+#undef FS_CALL_BF16
+#undef FS_CALL_FP16
       default:
         return "flashserve backward: head-dim class " + std::to_string(p.head_dim_class) + " not compiled";
     }
