@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 
 #include "bwd/bwd_params.h"
@@ -12,7 +14,23 @@
 
 namespace {
 
-#define FS_CHECK(cond, ...) TORCH_CHECK(cond, "flashserve._C: ", __VA_ARGS__)
+// Error messages are built without iostreams: on the lent H100 image, streaming an integer into
+// c10's message stream from this extension segfaulted (ostream<<long), so pieces are converted here.
+inline std::string fs_piece(const char* s) { return s; }
+inline std::string fs_piece(const std::string& s) { return s; }
+inline std::string fs_piece(int64_t v) { return std::to_string(v); }
+inline std::string fs_piece(double v) { return std::to_string(v); }
+inline std::string fs_piece(c10::ScalarType t) { return c10::toString(t); }
+template <typename... Args>
+std::string fs_message(const Args&... args) {
+  std::string out = "flashserve._C: ";
+  ((out += fs_piece(args)), ...);
+  return out;
+}
+#define FS_CHECK(cond, ...)                                   \
+  do {                                                        \
+    if (!(cond)) throw std::runtime_error(fs_message(__VA_ARGS__)); \
+  } while (0)
 
 int num_sms(int device) {
   static int cached[64] = {0};
