@@ -18,6 +18,7 @@ from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, decode_
                              iter_encoded)
 
 from . import metrics
+from .pool import BufferPool
 from .backends.base import Backend
 from .config import ServerConfig
 from .scheduler import Job, Scheduler
@@ -61,6 +62,9 @@ class AttentionService(pb_grpc.AttentionServicer):
         self.shm = shm  # server/shm.py reader/writer when --allow-shm, or None
         self.in_flight = 0
         self.requests_served = 0  # Forward/Backward calls answered OK
+        # CPU receive buffers are reused across calls (no first-touch page faults); on CUDA the scheduler's
+        # pinned allocator (torch's caching host allocator) already is a pool.
+        self.pool = BufferPool() if getattr(self.scheduler, "allocate", None) is None else None
 
     # ---- RPC methods -------------------------------------------------------------------------
     async def Forward(self, request_iterator, context) -> AsyncIterator[pb.Frame]:
@@ -100,8 +104,10 @@ class AttentionService(pb_grpc.AttentionServicer):
                                       f"(--max-concurrent); retry later")
         self.in_flight += 1
         metrics.IN_FLIGHT.inc()
+        lease = self.pool.lease() if self.pool is not None else None
+        tensors = job = outputs = None
         try:
-            header, tensors, shapes, params, received_s = await self._receive(operation, request_iterator)
+            header, tensors, shapes, params, received_s = await self._receive(operation, request_iterator, lease)
             remaining = context.time_remaining()
             job = Job(op="forward" if operation == pb.FORWARD else "backward", tensors=tensors, params=params,
                       shapes=shapes, return_softmax=header.params.return_softmax and operation == pb.FORWARD,
@@ -136,13 +142,17 @@ class AttentionService(pb_grpc.AttentionServicer):
             log.exception("%s failed", method)
             await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            if lease is not None:
+                tensors = job = outputs = None  # our references go first; buffers anyone else holds stay out
+                lease.release()
             self.in_flight -= 1
             metrics.IN_FLIGHT.dec()
             metrics.REQUESTS.labels(method, code.name).inc()
             metrics.LATENCY.labels(method).observe(time.perf_counter() - started)
 
-    async def _receive(self, operation, request_iterator):
-        asm = TensorAssembler(getattr(self.scheduler, "allocate", None))  # pinned staging on CUDA
+    async def _receive(self, operation, request_iterator, lease=None):
+        # pinned staging on CUDA, pooled buffers on CPU
+        asm = TensorAssembler(lease.allocate if lease is not None else getattr(self.scheduler, "allocate", None))
         shapes = params = None
         t_first = None
         async for frame in request_iterator:
