@@ -77,31 +77,33 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
-def iter_frames(header: pb.Header, tensors: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[pb.Frame]:
-    """Header frame, then the tensors' bytes in order cut into chunks of at most chunk_bytes.
-
-    Chunks may span tensor boundaries, so small tensors do not each cost a message."""
+def chunk_pieces(tensors: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[List[memoryview]]:
+    """The tensors' bytes in order, as lists of memoryview pieces of exactly chunk_bytes (the last
+    list may be shorter). Chunks may span tensor boundaries, so small tensors do not each cost a
+    message; nothing is copied here."""
     chunk_bytes = max(1, min(int(chunk_bytes or DEFAULT_CHUNK_BYTES), MAX_CHUNK_BYTES))
-    yield pb.Frame(header=header)
-    pending: List[bytes] = []
+    pending: List[memoryview] = []
     pending_len = 0
     for tensor in tensors:
         view = byte_view(tensor)
         pos = 0
         while pos < len(view):
             take = min(chunk_bytes - pending_len, len(view) - pos)
-            piece = view[pos:pos + take]
-            pos += take
-            if pending_len == 0 and take == chunk_bytes:
-                yield pb.Frame(chunk=piece.tobytes())
-                continue
-            pending.append(piece.tobytes())
+            pending.append(view[pos:pos + take])
             pending_len += take
+            pos += take
             if pending_len == chunk_bytes:
-                yield pb.Frame(chunk=b"".join(pending))
+                yield pending
                 pending, pending_len = [], 0
     if pending_len:
-        yield pb.Frame(chunk=b"".join(pending))
+        yield pending
+
+
+def iter_frames(header: pb.Header, tensors: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[pb.Frame]:
+    """Header frame, then the tensors' bytes in order cut into chunk frames of at most chunk_bytes."""
+    yield pb.Frame(header=header)
+    for pieces in chunk_pieces(tensors, chunk_bytes):
+        yield pb.Frame(chunk=b"".join(pieces))
 
 
 class TensorAssembler:
@@ -258,20 +260,7 @@ def encode_frame(message) -> bytes:
 
 def iter_encoded(header: pb.Header, tensors: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[bytes]:
     """Like iter_frames, but yields the serialized frames; each chunk costs one copy of its bytes."""
-    chunk_bytes = max(1, min(int(chunk_bytes or DEFAULT_CHUNK_BYTES), MAX_CHUNK_BYTES))
     yield pb.Frame(header=header).SerializeToString()
-    pending: List[memoryview] = []
-    pending_len = 0
-    for tensor in tensors:
-        view = byte_view(tensor)
-        pos = 0
-        while pos < len(view):
-            take = min(chunk_bytes - pending_len, len(view) - pos)
-            pending.append(view[pos:pos + take])
-            pending_len += take
-            pos += take
-            if pending_len == chunk_bytes:
-                yield b"".join([bytes([_CHUNK_TAG]), _varint(pending_len), *pending])
-                pending, pending_len = [], 0
-    if pending_len:
-        yield b"".join([bytes([_CHUNK_TAG]), _varint(pending_len), *pending])
+    for pieces in chunk_pieces(tensors, chunk_bytes):
+        size = sum(len(p) for p in pieces)
+        yield b"".join([bytes([_CHUNK_TAG]), _varint(size), *pieces])

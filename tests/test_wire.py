@@ -1,0 +1,54 @@
+"""The wire format: chunking, the fast chunk codec's byte-identity with protobuf, reassembly."""
+import pytest
+import torch
+
+from flashserve import wire
+from flashserve.proto import attention_pb2 as pb
+
+TENSORS = [torch.randn(1000, 3), torch.randint(0, 5, (7,), dtype=torch.int32), torch.randn(0),
+           torch.randn(333).to(torch.bfloat16), torch.rand(5) > 0.5]
+
+
+def _header(ts):
+    return pb.Header(tensors=[wire.describe(f"t{i}", t) for i, t in enumerate(ts)])
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 100, 4096, 1 << 20])
+def test_fast_encoding_is_protobufs_encoding(chunk_bytes):
+    h = _header(TENSORS)
+    slow = [f.SerializeToString() for f in wire.iter_frames(h, TENSORS, chunk_bytes)]
+    fast = list(wire.iter_encoded(h, TENSORS, chunk_bytes))
+    assert slow == fast
+    assert all(len(pb.Frame.FromString(f).chunk) <= chunk_bytes for f in fast[1:])
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 4096])
+def test_decoded_frames_reassemble_every_tensor(chunk_bytes):
+    h = _header(TENSORS)
+    frames = [wire.decode_frame(b) for b in wire.iter_encoded(h, TENSORS, chunk_bytes)]
+    assert isinstance(frames[1], wire.RawChunk)  # chunk frames are views, not parsed copies
+    _, out = wire.read_stream(frames)
+    for i, t in enumerate(TENSORS):
+        assert out[f"t{i}"].dtype == t.dtype and torch.equal(out[f"t{i}"], t)
+
+
+def test_decode_falls_back_to_protobuf_for_other_frames():
+    frame = wire.decode_frame(pb.Frame(header=pb.Header(chunk_bytes=5)).SerializeToString())
+    assert frame.WhichOneof("kind") == "header" and frame.header.chunk_bytes == 5
+    big = pb.Frame(chunk=b"x" * 300).SerializeToString()  # two-byte varint length
+    assert bytes(wire.decode_frame(big).chunk) == b"x" * 300
+
+
+def test_assembler_rejects_bad_streams():
+    h = _header(TENSORS[:1])
+    asm = wire.TensorAssembler()
+    with pytest.raises(wire.WireError, match="before the header"):
+        asm.add_chunk(b"abc")
+    asm.set_header(h)
+    with pytest.raises(wire.WireError, match="second header"):
+        asm.set_header(h)
+    with pytest.raises(wire.WireError, match="stream ended early"):
+        asm.finish()
+    asm.add_chunk(wire.byte_view(TENSORS[0]).tobytes())
+    with pytest.raises(wire.WireError, match="more bytes arrived"):
+        asm.add_chunk(b"\x00")
