@@ -17,6 +17,7 @@ class ServerConfig:
     max_tokens: int = dataclasses.field(default=1 << 20, metadata={"help": "max q+k tokens in one request"})
     max_request_bytes: int = dataclasses.field(default=2 << 30, metadata={"help": "max bytes of all tensors in one request"})
     max_concurrent: int = dataclasses.field(default=64, metadata={"help": "requests in flight before RESOURCE_EXHAUSTED"})
+    max_inflight_bytes: int = dataclasses.field(default=8 << 30, metadata={"help": "tensor bytes of all requests in flight together (host memory bound)"})
     max_message_bytes: int = dataclasses.field(default=80 << 20, metadata={"help": "gRPC message size limit"})
     chunk_bytes: int = dataclasses.field(default=4 << 20, metadata={"help": "default response chunk size"})
     workers: int = dataclasses.field(default=2, metadata={"help": "compute threads"})

@@ -61,6 +61,7 @@ class AttentionService(pb_grpc.AttentionServicer):
         self.residuals = residuals  # server/residuals.py store, or None
         self.shm = shm  # server/shm.py reader/writer when --allow-shm, or None
         self.in_flight = 0
+        self.inflight_bytes = 0  # tensor bytes admitted by calls now in flight (--max-inflight-bytes)
         self.requests_served = 0  # Forward/Backward calls answered OK
         # CPU receive buffers are reused across calls (no first-touch page faults); on CUDA the scheduler's
         # pinned allocator (torch's caching host allocator) already is a pool.
@@ -106,8 +107,10 @@ class AttentionService(pb_grpc.AttentionServicer):
         metrics.IN_FLIGHT.inc()
         lease = self.pool.lease() if self.pool is not None else None
         tensors = job = outputs = None
+        admitted = [0]  # bytes this call added to self.inflight_bytes (set by _receive once the header is checked)
         try:
-            header, tensors, shapes, params, received_s = await self._receive(operation, request_iterator, lease)
+            header, tensors, shapes, params, received_s = await self._receive(operation, request_iterator, lease,
+                                                                              admitted)
             remaining = context.time_remaining()
             job = Job(op="forward" if operation == pb.FORWARD else "backward", tensors=tensors, params=params,
                       shapes=shapes, return_softmax=header.params.return_softmax and operation == pb.FORWARD,
@@ -142,6 +145,7 @@ class AttentionService(pb_grpc.AttentionServicer):
             log.exception("%s failed", method)
             await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            self.inflight_bytes -= admitted[0]
             if lease is not None:
                 tensors = job = outputs = None  # our references go first; buffers anyone else holds stay out
                 lease.release()
@@ -150,7 +154,18 @@ class AttentionService(pb_grpc.AttentionServicer):
             metrics.REQUESTS.labels(method, code.name).inc()
             metrics.LATENCY.labels(method).observe(time.perf_counter() - started)
 
-    async def _receive(self, operation, request_iterator, lease=None):
+    def _admit_bytes(self, header: pb.Header, admitted: list) -> None:
+        """Reserve the request's tensor bytes against --max-inflight-bytes before any buffer is taken."""
+        nbytes = sum(d.nbytes for d in header.tensors)
+        limit = self.config.max_inflight_bytes
+        if self.inflight_bytes + nbytes > limit:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the server holds {self.inflight_bytes} bytes for requests in flight; {nbytes} more "
+                               f"would pass its limit of {limit} (--max-inflight-bytes); retry later")
+        self.inflight_bytes += nbytes
+        admitted[0] = nbytes
+
+    async def _receive(self, operation, request_iterator, lease=None, admitted=None):
         # pinned staging on CUDA, pooled buffers on CPU
         asm = TensorAssembler(lease.allocate if lease is not None else getattr(self.scheduler, "allocate", None))
         shapes = params = None
@@ -169,6 +184,8 @@ class AttentionService(pb_grpc.AttentionServicer):
                 shapes = check_header(header, operation, self.caps, self.config, has_residuals)
                 head_dim = shapes.head_dim if shapes else self.residuals.head_dim(header.residual_handle)
                 params = attention_params(header, head_dim, self.caps, operation)
+                if admitted is not None:
+                    self._admit_bytes(header, admitted)
                 asm.set_header(header)
             elif kind == "chunk":
                 asm.add_chunk(frame.chunk)

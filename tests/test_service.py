@@ -311,3 +311,31 @@ def test_round_robin_client_over_two_servers():
                 flashserve.flash_attn_func(q, q, q, client=c)
         served = [a.service.requests_served - before[0], b.service.requests_served - before[1]]
         assert sum(served) == 8 and min(served) >= 2, served
+
+
+@pytest.fixture(scope="module")
+def byte_budget_server():
+    cfg = ServerConfig(host="127.0.0.1", port=0, backend="torch", max_inflight_bytes=15_000)
+    with BackgroundServer(cfg) as srv:
+        yield srv
+
+
+def test_bytes_in_flight_budget(byte_budget_server):
+    # one held call takes ~11 KB of the 15 KB budget; a second of the same size must wait its turn
+    t = good_tensors()
+    h = header_for(t)
+    release = threading.Event()
+    with grpc.insecure_channel(byte_budget_server.target) as ch:
+        holder = pb_grpc.AttentionStub(ch).Forward(_blocking_frames(h, b"", release), timeout=30)
+        assert wait_for(lambda: byte_budget_server.service.inflight_bytes > 0)
+        held = byte_budget_server.service.inflight_bytes
+        assert held == sum(d.nbytes for d in h.tensors)
+        frames = list(wire.iter_frames(h, list(t.values()), 1 << 20))
+        with pytest.raises(grpc.RpcError) as err:
+            list(pb_grpc.AttentionStub(ch).Forward(iter(frames), timeout=30))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-inflight-bytes" in err.value.details()
+        holder.cancel()
+    release.set()
+    assert wait_for(lambda: byte_budget_server.service.inflight_bytes == 0)
+    assert_good(byte_budget_server.target)
