@@ -13,6 +13,8 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -84,13 +86,13 @@ struct FwdTraits {
 #define FS_NW_192 8
 #endif
 #ifndef FS_BM_256
-#define FS_BM_256 128
+#define FS_BM_256 64  // 64x64x4 (2 blocks/SM): 1.02-1.16x the 128x64x8 tile on H100, same output bits (NOTES.md)
 #endif
 #ifndef FS_BN_256
 #define FS_BN_256 64
 #endif
 #ifndef FS_NW_256
-#define FS_NW_256 8
+#define FS_NW_256 4
 #endif
 template <int HD> struct FwdConfig;
 template <> struct FwdConfig<32> { using Traits = FwdTraits<32, FS_BM_32, FS_BN_32, FS_NW_32>; };
@@ -546,9 +548,9 @@ inline void fwd_check(cudaError_t e, const char* what) {
     throw std::runtime_error(std::string("flashserve fwd: ") + what + ": " + cudaGetErrorString(e));
 }
 
-template <typename T, int HD, bool kFull, bool kSplit>
-void launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Tr = typename FwdConfig<HD>::Traits;
+template <typename T, typename Tr, bool kFull, bool kSplit>
+void launch_fwd_tr(const FwdParams& p, cudaStream_t stream) {
+  constexpr int HD = Tr::HD;
   auto kernel = fwd_kernel<T, Tr, kFull, kSplit>;
   constexpr int smem = Tr::kSmemBytes;
   if (smem > 48 * 1024) {
@@ -574,6 +576,44 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream) {
     fwd_combine_kernel<T, HD><<<unsigned((n + threads - 1) / threads), threads, 0, stream>>>(p);
     fwd_check(cudaGetLastError(), "split-KV combine kernel launch");
   }
+}
+
+#ifdef FS_TUNE
+// Tuning builds (FLASHSERVE_NVCC_FLAGS=-DFS_TUNE): FLASHSERVE_FWD_TILE=<BM>x<BN>x<NW>, read at every launch,
+// picks one of a few alternative tiles compiled in for head-dim classes 64, 128 and 256 (else the default).
+template <typename T, int HD, bool kFull, bool kSplit, int BM, int BN, int NW>
+bool fwd_try_tile(const FwdParams& p, cudaStream_t stream, int bm, int bn, int nw) {
+  if (bm != BM || bn != BN || nw != NW) return false;
+  launch_fwd_tr<T, FwdTraits<HD, BM, BN, NW>, kFull, kSplit>(p, stream);
+  return true;
+}
+
+template <typename T, int HD, bool kFull, bool kSplit>
+bool fwd_tune_launch(const FwdParams& p, cudaStream_t stream) {
+  const char* e = std::getenv("FLASHSERVE_FWD_TILE");
+  int bm = 0, bn = 0, nw = 0;
+  if (e == nullptr || std::sscanf(e, "%dx%dx%d", &bm, &bn, &nw) != 3) return false;
+  if constexpr (HD == 256) {
+    return fwd_try_tile<T, HD, kFull, kSplit, 64, 64, 4>(p, stream, bm, bn, nw) ||
+           fwd_try_tile<T, HD, kFull, kSplit, 128, 32, 8>(p, stream, bm, bn, nw) ||
+           fwd_try_tile<T, HD, kFull, kSplit, 64, 32, 4>(p, stream, bm, bn, nw);
+  } else if constexpr (HD == 128) {
+    return fwd_try_tile<T, HD, kFull, kSplit, 64, 64, 4>(p, stream, bm, bn, nw) ||
+           fwd_try_tile<T, HD, kFull, kSplit, 128, 32, 4>(p, stream, bm, bn, nw);
+  } else if constexpr (HD == 64) {
+    return fwd_try_tile<T, HD, kFull, kSplit, 128, 64, 4>(p, stream, bm, bn, nw) ||
+           fwd_try_tile<T, HD, kFull, kSplit, 64, 64, 4>(p, stream, bm, bn, nw);
+  }
+  return false;
+}
+#endif
+
+template <typename T, int HD, bool kFull, bool kSplit>
+void launch_fwd(const FwdParams& p, cudaStream_t stream) {
+#ifdef FS_TUNE
+  if (fwd_tune_launch<T, HD, kFull, kSplit>(p, stream)) return;
+#endif
+  launch_fwd_tr<T, typename FwdConfig<HD>::Traits, kFull, kSplit>(p, stream);
 }
 
 }  // namespace flashserve
