@@ -202,7 +202,7 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
 
 
 # ---- 3: batching on / off -------------------------------------------------------------------------
-def batching_pair(tmpdir, device, concurrency, count, extra):
+def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
     from flashserve.server.loadtest import Workload, run_sweep
 
     out = {}
@@ -212,7 +212,7 @@ def batching_pair(tmpdir, device, concurrency, count, extra):
         srv = Proc(["--backend", "auto", "--allow-shm", "--device", device, *flags, *extra], tmpdir)
         try:
             rep = run_sweep(srv.target, wl, [concurrency], duration=60, count=count, warmup=1, transport="shm",
-                            progress=False, client_kwargs=dict(timeout=600))
+                            progress=False, client_kwargs=dict(timeout=600), processes=processes)
         finally:
             srv.stop()
         lvl = rep["levels"][0]
@@ -223,7 +223,7 @@ def batching_pair(tmpdir, device, concurrency, count, extra):
         print(f"  {name}: {lvl['requests_per_s']:.1f} req/s, {lvl['launches_per_request']:.3f} launches/request, "
               f"p50 {lvl['latency_ms']['p50']:.0f} ms, p99 {lvl['latency_ms']['p99']:.0f} ms", flush=True)
     out["throughput_ratio"] = out["batching on"]["requests_per_s"] / out["batching off"]["requests_per_s"]
-    out["workload"] = dict(wl.shape, concurrency=concurrency, requests=count)
+    out["workload"] = dict(wl.shape, concurrency=concurrency, requests=count, client_processes=processes)
     return out
 
 
@@ -346,7 +346,8 @@ def to_markdown(r) -> str:
     if r.get("batching"):
         b = r["batching"]
         w = b["workload"]
-        L += ["", f"## 3. Batching on / off ({w['concurrency']} concurrent clients, {w['requests']} forward requests of "
+        L += ["", f"## 3. Batching on / off ({w['concurrency']} concurrent clients in {w.get('client_processes', 1)} "
+                  f"processes, {w['requests']} forward requests of "
                   f"{w['tokens']} tokens x {w['heads']} heads x {w['head_dim']} {w['dtype']}, transport "
                   f"{b['batching on']['transport']}, server on {b['batching on']['server_device']})", "",
               "| setting | req/s | tokens/s | kernel launches / request | mean requests / launch | p50 ms | p99 ms | "
@@ -388,6 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=64, help="clients in the batching comparison")
     p.add_argument("--batch-requests", type=int, default=0, help="requests per batching setting (0: by device)")
     p.add_argument("--skip-batching", action="store_true")
+    p.add_argument("--client-processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                   help="processes the batching comparison's clients are spread over")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
     if args.raw_server:
@@ -427,7 +430,8 @@ def main(argv=None) -> int:
         n = args.batch_requests or (2048 if args.device == "cuda" else (64 if args.quick else 128))
         print(f"3. batching on/off ({args.concurrency} clients, {n} requests each setting)", flush=True)
         report["batching"] = batching_pair(tmp, args.device, args.concurrency, n,
-                                           ["--max-concurrent", str(max(256, 2 * args.concurrency))])
+                                           ["--max-concurrent", str(max(256, 2 * args.concurrency))],
+                                           processes=args.client_processes)
     report["total_s"] = time.perf_counter() - t_start
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"service_{args.device}_{report['date'][:10]}")

@@ -8,12 +8,15 @@ shared-memory regions, each) sending the same pre-built request in a loop until 
 request count is reached. Per level: requests/s, tokens/s (query tokens), payload GB/s (tensor bytes
 both ways, whatever the transport), p50/p90/p99 latency, errors by gRPC status code, and from the
 servers' reply timings the mean requests per kernel launch. `--op forward+backward` times one training
-step (forward keeping residuals when the server offers it, then backward)."""
+step (forward keeping residuals when the server offers it, then backward). `--processes N` spreads each
+level's clients over N client processes: one Python process is bound by its GIL long before a server is."""
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
+import multiprocessing
 import os
 import platform
 import socket
@@ -47,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=0,
                    help="requests per level (overrides --duration; the level still stops after 10x --duration)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests per client before each level")
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes to spread each level's clients over (one Python process is GIL-bound)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="write results as JSON ('-': stdout)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot throughput and latency vs concurrency")
@@ -72,6 +77,8 @@ class Workload:
 
     def __init__(self, tokens=512, heads=16, kv_heads=0, head_dim=64, dtype="bfloat16", seqs=1, varlen=False,
                  causal=False, op="forward", seed=0):
+        self.kwargs = dict(tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, seqs=seqs,
+                           varlen=varlen, causal=causal, op=op, seed=seed)  # to rebuild it in a worker process
         gen = torch.Generator().manual_seed(seed)
         kv_heads = kv_heads or heads
         dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -137,6 +144,13 @@ def _percentile(sorted_values: List[float], p: float) -> float:
 def run_level(make_client, workload: Workload, concurrency: int, duration: float, count: int = 0,
               warmup: int = 1, progress=None) -> Dict[str, object]:
     """One concurrency level; bounded by `count` requests (if > 0) and by time (duration, or 10x it with count)."""
+    return summarize([measure(make_client, workload, concurrency, duration, count, warmup, progress)], concurrency,
+                     workload.tokens)
+
+
+def measure(make_client, workload: Workload, concurrency: int, duration: float, count: int = 0,
+            warmup: int = 1, progress=None) -> Dict[str, object]:
+    """Run `concurrency` client threads in this process; the raw samples (see summarize)."""
     import grpc
 
     from flashserve.errors import RemoteError
@@ -201,9 +215,26 @@ def run_level(make_client, workload: Workload, concurrency: int, duration: float
     ready.wait()  # after every client's warm-up; the barrier's action starts the clock
     for t in threads:
         t.join(time_limit + 120)
-    elapsed = time.perf_counter() - start[0]
+    end = time.perf_counter()
     for c in clients:
         c.close()
+    # wall-clock start/end so samples from several processes share one time base
+    offset = time.time() - time.perf_counter()
+    return {"latencies": latencies, "errors": errors, "moved": moved[0], "batch_requests": batch_req,
+            "compute_s": compute[0], "start": start[0] + offset, "end": end + offset}
+
+
+def summarize(samples: List[Dict[str, object]], concurrency: int, tokens: int) -> Dict[str, object]:
+    """One level's report from the raw samples of one or more processes."""
+    latencies = [x for s in samples for x in s["latencies"]]
+    batch_req = [x for s in samples for x in s["batch_requests"]]
+    errors: Dict[str, int] = {}
+    for s in samples:
+        for code, n in s["errors"].items():
+            errors[code] = errors.get(code, 0) + n
+    moved = [sum(s["moved"] for s in samples)]
+    compute = [sum(s["compute_s"] for s in samples)]
+    elapsed = max(s["end"] for s in samples) - min(s["start"] for s in samples)
     ok = len(latencies)
     lat = sorted(latencies)
     mean_batch = sum(batch_req) / len(batch_req) if batch_req else 0.0
@@ -214,7 +245,7 @@ def run_level(make_client, workload: Workload, concurrency: int, duration: float
         "error_count": sum(errors.values()),
         "duration_s": elapsed,
         "requests_per_s": ok / elapsed if elapsed > 0 else 0.0,
-        "tokens_per_s": ok * workload.tokens / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s": ok * tokens / elapsed if elapsed > 0 else 0.0,
         "payload_gb_s": moved[0] / elapsed / 1e9 if elapsed > 0 else 0.0,
         "payload_bytes": moved[0],
         "latency_ms": {"p50": _percentile(lat, 50) * 1e3, "p90": _percentile(lat, 90) * 1e3,
@@ -226,14 +257,40 @@ def run_level(make_client, workload: Workload, concurrency: int, duration: float
     }
 
 
-def run_sweep(target: str, workload: Workload, levels: List[int], duration: float = 10.0, count: int = 0,
-              warmup: int = 1, transport: str = "auto", progress: bool = True, client_kwargs=None) -> Dict[str, object]:
+def _client_factory(target: str, transport: str, client_kwargs):
     import flashserve
 
-    client_kwargs = dict(client_kwargs or {})
+    return functools.partial(flashserve.Client, target, transport=transport, **client_kwargs)
 
-    def make_client():
-        return flashserve.Client(target, transport=transport, **client_kwargs)
+
+def _process_level(job) -> Dict[str, object]:
+    """Worker process entry: rebuild the workload, run this process's share of the clients."""
+    target, transport, client_kwargs, workload_kwargs, concurrency, duration, count, warmup = job
+    workload = Workload(**workload_kwargs)
+    return measure(_client_factory(target, transport, client_kwargs), workload, concurrency, duration, count, warmup)
+
+
+def _shares(total: int, parts: int) -> List[int]:
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def run_level_processes(pool, target, transport, client_kwargs, workload: Workload, concurrency: int, processes: int,
+                        duration: float, count: int, warmup: int) -> Dict[str, object]:
+    """One level with its clients spread over worker processes (a Python client process is bound by its GIL
+    long before a server is: several processes measure the server, not the load generator)."""
+    threads = _shares(concurrency, processes)
+    counts = _shares(count, len(threads)) if count else [0] * len(threads)
+    jobs = [(target, transport, client_kwargs, workload.kwargs, t, duration, n, warmup)
+            for t, n in zip(threads, counts) if not count or n > 0]
+    return summarize(pool.map(_process_level, jobs), concurrency, workload.tokens)
+
+
+def run_sweep(target: str, workload: Workload, levels: List[int], duration: float = 10.0, count: int = 0,
+              warmup: int = 1, transport: str = "auto", progress: bool = True, client_kwargs=None,
+              processes: int = 1) -> Dict[str, object]:
+    client_kwargs = dict(client_kwargs or {})
+    make_client = _client_factory(target, transport, client_kwargs)
 
     with make_client() as probe:
         info = probe.server_info()
@@ -245,13 +302,25 @@ def run_sweep(target: str, workload: Workload, levels: List[int], duration: floa
 
         total = count * len(levels) if count else None
         bar = tqdm(total=total, unit="req", desc="flashserve bench", file=sys.stderr, dynamic_ncols=True)
+    pool = None
+    if processes > 1:
+        pool = multiprocessing.get_context("spawn").Pool(processes)
     try:
         for c in levels:
             if bar is not None:
                 bar.set_postfix_str(f"concurrency {c}")
-            results.append(run_level(make_client, workload, c, duration, count, warmup,
-                                     bar.update if bar is not None else None))
+            if pool is None:
+                results.append(run_level(make_client, workload, c, duration, count, warmup,
+                                         bar.update if bar is not None else None))
+            else:
+                results.append(run_level_processes(pool, target, transport, client_kwargs, workload, c, processes,
+                                                   duration, count, warmup))
+                if bar is not None:
+                    bar.update(results[-1]["requests"] + results[-1]["error_count"])
     finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
         if bar is not None:
             bar.close()
     return {
@@ -264,7 +333,7 @@ def run_sweep(target: str, workload: Workload, levels: List[int], duration: floa
         "versions": _versions(),
         "workload": dict(workload.shape, op=workload.op, lengths=workload.lengths),
         "transport": "shm" if used_shm else "bytes",
-        "duration_s": duration, "requests_per_level": count, "warmup": warmup,
+        "duration_s": duration, "requests_per_level": count, "warmup": warmup, "client_processes": processes,
         "levels": results,
     }
 
@@ -340,7 +409,8 @@ def run_from_args(args) -> int:
     token = args.token or os.environ.get("FLASHSERVE_TOKEN") or None
     report = run_sweep(args.target, workload, levels, args.duration, args.requests, args.warmup, args.transport,
                        progress=not args.no_progress,
-                       client_kwargs=dict(timeout=args.timeout, token=token, tls=args.tls))
+                       client_kwargs=dict(timeout=args.timeout, token=token, tls=args.tls),
+                       processes=max(1, args.processes))
     if args.json_out == "-":
         json.dump(report, sys.stdout, indent=2)
         print()

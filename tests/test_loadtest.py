@@ -78,3 +78,14 @@ def test_cli_progress_bar_and_table(bench_server):
     assert run.returncode == 0, run.stderr
     assert "flashserve bench" in run.stderr and "req" in run.stderr  # tqdm's bar
     assert "| concurrency | req/s |" in run.stdout and run.stdout.count("\n| ") >= 3
+
+
+def test_clients_spread_over_processes(bench_server, tmp_path):
+    out = tmp_path / "procs.json"
+    rc = main(["bench", bench_server.target, *SMALL, "--concurrency", "4", "--processes", "2", "--requests", "10",
+               "--duration", "10", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    check_report(report, [4], "forward", "shm")
+    assert report["client_processes"] == 2
+    assert report["levels"][0]["requests"] == 10  # 5 + 5 from the two processes, merged
