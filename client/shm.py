@@ -82,7 +82,7 @@ class Region:
         self._finalizer = weakref.finalize(self, _unlink, self.path)
 
     def view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         n = itemsize
         for s in shape:
             n *= int(s)

@@ -34,6 +34,7 @@ TORCH_TO_PROTO = {
     torch.bool: pb.BOOL,
 }
 PROTO_TO_TORCH = {v: k for k, v in TORCH_TO_PROTO.items()}
+ITEMSIZE = {code: dtype.itemsize for code, dtype in PROTO_TO_TORCH.items()}  # bytes per element, by wire dtype
 DTYPE_NAMES = {pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat16", pb.FLOAT32: "float32", pb.FLOAT64: "float64",
                pb.INT32: "int32", pb.INT64: "int64", pb.UINT8: "uint8", pb.BOOL: "bool"}
 
@@ -62,8 +63,7 @@ def expected_nbytes(desc: pb.TensorDesc) -> int:
         raise WireError(f"tensor '{desc.name}': unknown dtype {desc.dtype}", desc.name)
     if any(d < 0 for d in desc.shape):
         raise WireError(f"tensor '{desc.name}': negative dimension in shape {list(desc.shape)}", desc.name)
-    itemsize = torch.empty((), dtype=PROTO_TO_TORCH[desc.dtype]).element_size()
-    return math.prod(desc.shape) * itemsize
+    return math.prod(desc.shape) * ITEMSIZE[desc.dtype]
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

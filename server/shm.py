@@ -24,7 +24,7 @@ import grpc
 import torch
 
 from flashserve.proto import attention_pb2 as pb
-from flashserve.wire import PROTO_TO_TORCH, describe
+from flashserve.wire import ITEMSIZE, PROTO_TO_TORCH, describe
 
 from . import metrics
 from .validation import RequestError
@@ -130,7 +130,7 @@ class ShmTransport:
                 r = regions.get(d.shm.region)
                 if r is None:
                     r = regions[d.shm.region] = _Region(d.shm.region, field, writable=False)
-                itemsize = torch.empty((), dtype=PROTO_TO_TORCH[d.dtype]).element_size()
+                itemsize = ITEMSIZE[d.dtype]
                 r.check(d.shm.offset, d.nbytes, itemsize, field)
             for d in descs:
                 buf = self.allocate(d.nbytes)
