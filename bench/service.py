@@ -326,7 +326,7 @@ def machine() -> str:
 def to_markdown(r) -> str:
     L = [f"# flashserve service benchmark ({r['device']})", "",
          f"- date: {r['date']}", f"- machine: {r['machine']}",
-         f"- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
          f"- server backend: {r.get('server', {}).get('backend', 'not recorded')} on "
          f"{r.get('server', {}).get('device', r['device'])}",
          f"- command: `{r['command']}` (total {r['total_s']:.0f} s)", "",

@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 

@@ -99,7 +99,6 @@ def _expand_kv(t: torch.Tensor, heads_q: int) -> torch.Tensor:
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params: AttentionParams, alibi_slopes=None,
             return_softmax: bool = False, compute_dtype=torch.float32) -> ForwardResult:
     total_q, heads_q, _ = q.shape
-    heads_k = k.shape[1]
     batch = cu_seqlens_q.numel() - 1
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
