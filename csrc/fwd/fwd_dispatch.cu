@@ -1,11 +1,15 @@
 // Runtime dispatch from (dtype, head-dim class, features, split) to the instantiated launchers
-// (csrc/fwd/inst/*.cu). FLASHSERVE_HD_<n> / FLASHSERVE_DT_<FP16|BF16> say what was compiled.
+// (csrc/fwd/inst/*.cu). FLASHSERVE_HD_<n> / FLASHSERVE_DT_<FP16|BF16> say what was compiled;
+// FLASHSERVE_FWD_HOPPER says the sm_90a wgmma kernel (csrc/fwd/hopper/) was built too.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
 #include "fwd_api.h"
 #include "fwd_kernel.cuh"
+#include "hopper/fwd_hopper.h"
 
 namespace flashserve {
 
@@ -47,6 +51,20 @@ FS_FOR_DTYPES(192)
 #endif
 #ifdef FLASHSERVE_HD_256
 FS_FOR_DTYPES(256)
+#endif
+
+#ifdef FLASHSERVE_FWD_HOPPER
+#define FS_DECLARE_HOPPER(T, HD) extern template void launch_fwd_hopper<T, HD>(const FwdParams&, cudaStream_t);
+#define FS_HOPPER_DTYPES(HD) FS_IF_FP16(FS_DECLARE_HOPPER(__half, HD)) FS_IF_BF16(FS_DECLARE_HOPPER(__nv_bfloat16, HD))
+#ifdef FLASHSERVE_HD_64
+FS_HOPPER_DTYPES(64)
+#endif
+#ifdef FLASHSERVE_HD_128
+FS_HOPPER_DTYPES(128)
+#endif
+#ifdef FLASHSERVE_HD_256
+FS_HOPPER_DTYPES(256)
+#endif
 #endif
 
 static const int kClasses[] = {32, 64, 96, 128, 192, 256};
@@ -135,8 +153,37 @@ int fwd_auto_num_splits(const FwdParams& p) {
   return 1;
 }
 
+// The wgmma kernel runs only on sm_90 (its cubin is sm_90a), when built, and unless
+// FLASHSERVE_FWD_HOPPER=0 (read per call, so tests can compare both paths in one process).
+#ifdef FLASHSERVE_FWD_HOPPER
+static bool use_hopper(const FwdParams& p, int hd) {
+  if (!fwd_hopper_supports(p, hd)) return false;
+  const char* env = std::getenv("FLASHSERVE_FWD_HOPPER");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  static int is_sm90[64] = {0};  // 0 unknown, 1 yes, 2 no; per device
+  int dev = 0;
+  fwd_check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 0 || dev >= 64) return false;
+  if (is_sm90[dev] == 0) {
+    int major = 0, minor = 0;
+    fwd_check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+    fwd_check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+    is_sm90[dev] = (major == 9 && minor == 0) ? 1 : 2;
+  }
+  return is_sm90[dev] == 1;
+}
+#endif
+
 template <typename T, int HD>
 static void run_typed(const FwdParams& p, cudaStream_t stream) {
+#ifdef FLASHSERVE_FWD_HOPPER
+  if constexpr (HD == 64 || HD == 128 || HD == 256) {
+    if (use_hopper(p, HD)) {
+      launch_fwd_hopper<T, HD>(p, stream);
+      return;
+    }
+  }
+#endif
   const bool full = p.softcap > 0.f || p.alibi != nullptr || p.p_drop > 0.f || p.s_dmask != nullptr;
   const bool split = p.num_splits > 1;
   if (full) {
