@@ -1,8 +1,11 @@
 // Backward pass: preprocess (D = rowsum(dO * O), dQ accumulator zeroing), dispatch of the main kernel,
 // postprocess (dQ accumulator -> dq, GQA dK/dV reduction, zeroing of K rows past the last sequence).
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "bwd_kernel.cuh"
+#include "hopper/bwd_hopper.h"
 
 namespace flashserve {
 namespace bwd {
@@ -130,6 +133,42 @@ int class_for(int d) {
 
 int block_keys_for(int cls) { return cls > 128 ? Traits<192, 1>::Bc : Traits<128, 1>::Bc; }
 
+// The sm_90a (wgmma) kernel covers head-dim classes 64 and 128 and every feature but dropout; it runs on
+// compute capability 9.0 unless FLASHSERVE_BWD_HOPPER=0 (read at each call: A/B timing in one process).
+bool hopper_eligible(const BwdParams& p, int dev) {
+  if (p.p_drop > 0.f || (p.head_dim_class != 64 && p.head_dim_class != 128)) return false;
+  const char* env = std::getenv("FLASHSERVE_BWD_HOPPER");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+}
+
+// Runs (or with probe, only checks for) the Hopper kernel where this build holds it; *used = false: nothing
+// launched, the mma.sync kernel must run.
+cudaError_t run_hopper(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
+  *used = false;
+  const bool bf16 = p.is_bf16;
+  (void)bf16;
+  (void)stream;
+  (void)probe;
+#if defined(FLASHSERVE_HD_64) && defined(FLASHSERVE_DT_BF16)
+  if (p.head_dim_class == 64 && bf16) return run_hopper_hd64_bf16(p, stream, used, probe);
+#endif
+#if defined(FLASHSERVE_HD_64) && defined(FLASHSERVE_DT_FP16)
+  if (p.head_dim_class == 64 && !bf16) return run_hopper_hd64_fp16(p, stream, used, probe);
+#endif
+#if defined(FLASHSERVE_HD_128) && defined(FLASHSERVE_DT_BF16)
+  if (p.head_dim_class == 128 && bf16) return run_hopper_hd128_bf16(p, stream, used, probe);
+#endif
+#if defined(FLASHSERVE_HD_128) && defined(FLASHSERVE_DT_FP16)
+  if (p.head_dim_class == 128 && !bf16) return run_hopper_hd128_fp16(p, stream, used, probe);
+#endif
+  return cudaSuccess;
+}
+
 std::string cuda_msg(const char* what, cudaError_t e) {
   return std::string("flashserve backward: ") + what + " failed: " + cudaGetErrorName(e) + " (" +
          cudaGetErrorString(e) + ")";
@@ -178,10 +217,19 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
     return "flashserve backward: head-dim class " + std::to_string(cls) + " / " + (p.is_bf16 ? "bf16" : "fp16") +
            " is not compiled into this build (FLASHSERVE_HEADDIMS / FLASHSERVE_DTYPES)";
   p.head_dim_class = cls;
+  p.hopper = false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess && hopper_eligible(p, dev)) {
+    bool avail = false;
+    if (run_hopper(p, nullptr, &avail, true) == cudaSuccess) p.hopper = avail;
+  }
+  cudaGetLastError();  // a failed probe leaves no sticky state for the caller
   const int bc = block_keys_for(cls);
   const int nkb = (p.max_seqlen_k + bc - 1) / bc;
   p.num_splits = 1;
-  if (p.deterministic && nkb > 1) {
+  // Hopper kernel: one dq_accum; its deterministic mode orders additions with counters (run() sets dq_sem).
+  p.dq_sem_stride = (p.max_seqlen_q + 63) / 64;
+  if (p.deterministic && nkb > 1 && !p.hopper) {
     // Block x of a head handles K/V blocks x, x + S, ... (S = num_splits) and owns dq_accum slice x. Choose S to
     // minimise (waves of S * b * h blocks, one resident per SM) x (K/V blocks per block), i.e. the critical path
     // in K/V-block steps, with the slices within 2 GiB; ties go to the smaller S (less zeroing and summing).
@@ -200,6 +248,7 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   if (ws) {
     ws->dsum_floats = (size_t)p.h * p.total_q;
     ws->dq_accum_floats = (size_t)p.num_splits * p.total_q * p.h * p.d;
+    if (p.hopper && p.deterministic) ws->dq_accum_floats += (size_t)p.b * p.h * p.dq_sem_stride;
     ws->dkv_accum_floats = p.h != p.h_k ? (size_t)p.total_k * p.h * p.d : 0;
   }
   return "";
@@ -218,6 +267,17 @@ std::string run(BwdParams& p, cudaStream_t stream) {
     if ((e = cudaGetDevice(&dev)) != cudaSuccess) return cuda_msg("cudaGetDevice", e);
     if ((e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) != cudaSuccess)
       return cuda_msg("cudaDeviceGetAttribute", e);
+    bool used = false;
+    if (p.hopper) {
+      p.dq_sem = nullptr;
+      if (p.deterministic) {
+        p.dq_sem = reinterpret_cast<int*>(p.dq_accum + (size_t)p.total_q * p.h * p.d);
+        e = cudaMemsetAsync(p.dq_sem, 0, (size_t)p.b * p.h * p.dq_sem_stride * sizeof(int), stream);
+        if (e != cudaSuccess) return cuda_msg("dQ counter reset", e);
+      }
+      e = run_hopper(p, stream, &used, false);
+      if (e != cudaSuccess) return cuda_msg("Hopper main kernel launch", e);
+    }
     e = cudaErrorInvalidValue;
     // Only the dtypes selected at build time exist (FLASHSERVE_DTYPES); plan() has already
     // rejected the others, so an uncompiled one can only be reached by a bug.
@@ -231,7 +291,10 @@ std::string run(BwdParams& p, cudaStream_t stream) {
 #else
 #define FS_CALL_FP16(D) cudaErrorInvalidValue
 #endif
-    switch (p.head_dim_class) {
+    switch (used ? -1 : p.head_dim_class) {
+      case -1:  // done by the Hopper kernel
+        e = cudaSuccess;
+        break;
 #define FS_DISPATCH(D)                                                            \
   case D:                                                                         \
     e = p.is_bf16 ? FS_CALL_BF16(D) : FS_CALL_FP16(D);                            \

@@ -36,7 +36,7 @@ struct BwdParams {
 
   // Workspace (fp32), sized by plan(): see BwdWorkspace.
   float* dsum;      // (h, total_q): D = rowsum(dO * O)
-  float* dq_accum;  // (num_splits, total_q, h, d)
+  float* dq_accum;  // (num_splits, total_q, h, d), then the Hopper kernel's counters (see dq_sem)
   float* dk_accum;  // (total_k, h, d) when h != h_k, else unused
   float* dv_accum;  // (total_k, h, d) when h != h_k, else unused
 
@@ -62,6 +62,11 @@ struct BwdParams {
   // Filled by plan().
   int head_dim_class;
   int num_splits;
+  bool hopper;  // the sm_90a (wgmma) kernel runs this call
+  // Filled by run(): deterministic mode of the Hopper kernel, one counter per (sequence, head, 64 query rows),
+  // (b, h, dq_sem_stride) ints at the end of the dq_accum workspace (plan() counts them in).
+  int* dq_sem;
+  int dq_sem_stride;
 };
 
 struct BwdWorkspace {

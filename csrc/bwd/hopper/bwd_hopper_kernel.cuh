@@ -1,0 +1,459 @@
+// FlashAttention backward main kernel for sm_90a (H100): the five products on wgmma.mma_async.
+//
+// Same decomposition as ../bwd_kernel.cuh (one block per (K/V block of Bc = 128 keys, query head, sequence),
+// loop over query blocks of Br = 64 rows (128 at d64), fp32 dQ accumulator with atomics; deterministic mode
+// orders the additions per query block with a counter), but the block is two consumer warpgroups, warpgroup w
+// owning keys 64 w .. 64 w + 63:
+//   S^T  = K_w Q^T,  dP^T = V_w dO^T          wgmma SS, both operands K-major (head dim contiguous)
+//   P^T, dS^T elementwise in the accumulator registers
+//   dV_w += P^T dO,  dK_w += dS^T Q             wgmma RS: the 16-bit P^T / dS^T fragments are the A operand
+//                                               straight from the accumulator layout; dO / Q are MN-major B
+//   dQ = dS K                                   wgmma SS, A = dS^T from shared memory (MN-major), B = K
+//                                               (MN-major), split over the warpgroups by rows (d64) or
+//                                               columns (d128); added into dq_accum with float4 atomics
+// Shared-memory tiles use the 128-byte swizzle: a tile of R rows x D columns (16-bit) is stored as D / 64
+// column panels of R rows x 128 bytes, and 16-byte chunk c of row r sits at chunk c ^ (r % 8). Q / dO / LSE / D
+// are double-buffered with cp.async (the next tile loads while this one computes).
+// Dropout is not here: the dispatcher keeps such calls on the mma.sync kernel.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include "../bwd_kernel.cuh"
+#include "wgmma_bwd.cuh"
+
+namespace flashserve {
+namespace bwd {
+namespace hopper {
+
+// ------------------------------------------------------------------------------------------------
+// wgmma plumbing.
+// Shared-memory matrix descriptor, 128-byte swizzle. lbo / sbo in bytes: K-major: sbo = stride of 8-row groups
+// (lbo unused); MN-major: lbo = stride of 64-element MN panels, sbo = stride of 8-row K groups.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
+         ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Generic-proxy shared-memory writes (st.shared, cp.async) made visible to the async proxy (wgmma).
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ int ld_acquire(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+// Keeps the compiler from moving reads/writes of registers that an in-flight wgmma owns across this point.
+template <int N>
+__device__ __forceinline__ void keep(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void keep(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
+}
+
+// Byte offset of element (r, c) in a swizzled tile of `rows` rows (see the header comment).
+__device__ __forceinline__ uint32_t swz(int rows, int r, int c) {
+  return (uint32_t)((c >> 6) * rows * 128 + r * 128 + ((((c & 63) >> 3) ^ (r & 7)) << 4) + (c & 7) * 2);
+}
+
+template <int kD_>
+struct HTraits {
+  static constexpr int kD = kD_;
+  static constexpr int Bc = 128, kThreads = 256;
+  // d64: Br = 128 and warpgroup w computes dQ rows 64 w .. 64 w + 63 (all 64 columns); d128: Br = 64 and
+  // warpgroup w computes dQ columns 64 w .. 64 w + 63 (one 128-byte swizzle panel of K each).
+  static constexpr int Br = kD == 64 ? 128 : 64;
+  static constexpr bool kSplitQ = Br == 128;
+  static constexpr int kDQ = kSplitQ ? kD : kD / 2;  // dQ columns per warpgroup
+  static constexpr int kKV = Bc * kD * 2, kQ = Br * kD * 2, kdS = Bc * Br * 2;
+  static constexpr int kOffK = 0, kOffV = kKV, kOffQ = 2 * kKV, kOffdO = kOffQ + 2 * kQ, kOffdS = kOffdO + 2 * kQ;
+  static constexpr int kOffLse = kOffdS + kdS, kOffDs = kOffLse + 2 * Br * 4;
+  static constexpr int kSmemBytes = kOffDs + 2 * Br * 4 + 1024;  // + alignment slack (swizzle atoms: 1024 B)
+  static_assert(kD == 64 || kD == 128, "Hopper backward: head-dim classes 64 and 128");
+};
+
+template <typename T, int kD, bool kExtras, bool kDet>
+__global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tr = HTraits<kD>;
+  using Pk = MmaOp<T>;
+  constexpr int Bc = Tr::Bc, Br = Tr::Br, kDQ = Tr::kDQ;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = sh_addr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t sK = base + Tr::kOffK, sV = base + Tr::kOffV;
+  const uint32_t sQ0 = base + Tr::kOffQ, sdO0 = base + Tr::kOffdO, sdS = base + Tr::kOffdS;
+  unsigned char* sdS_ptr = base_ptr + Tr::kOffdS;
+  float* sLse = reinterpret_cast<float*>(base_ptr + Tr::kOffLse);  // [2][Br]
+  float* sDs = reinterpret_cast<float*>(base_ptr + Tr::kOffDs);    // [2][Br]
+
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int wg = tid >> 7, wwarp = (tid >> 5) & 3;  // warpgroup, warp within it
+  const int g = lane >> 2, t = lane & 3;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int group = p.h / p.h_k;
+  const int hk = h / group;
+
+  const int q_start = p.cu_seqlens_q[b], sq = p.cu_seqlens_q[b + 1] - q_start;
+  const int k_start = p.cu_seqlens_k[b], sk = p.cu_seqlens_k[b + 1] - k_start;
+  const int nkb = (sk + Bc - 1) / Bc;
+  const int diag = sk - sq;
+  const int wl = p.window_left, wr = p.window_right;
+
+  const T* qg = reinterpret_cast<const T*>(p.q) + (int64_t)q_start * p.q_row_stride + (int64_t)h * p.q_head_stride;
+  const T* dog =
+      reinterpret_cast<const T*>(p.dout) + (int64_t)q_start * p.do_row_stride + (int64_t)h * p.do_head_stride;
+  const T* kg = reinterpret_cast<const T*>(p.k) + (int64_t)k_start * p.k_row_stride + (int64_t)hk * p.k_head_stride;
+  const T* vg = reinterpret_cast<const T*>(p.v) + (int64_t)k_start * p.v_row_stride + (int64_t)hk * p.v_head_stride;
+  const float* lseg = p.lse + (int64_t)h * p.total_q + q_start;
+  const float* dsg = p.dsum + (int64_t)h * p.total_q + q_start;
+
+  const bool has_softcap = kExtras && p.softcap > 0.f;
+  const float scale_log2 = has_softcap ? p.scale / p.softcap : p.scale * kLog2e;
+  const float cap_log2 = p.softcap * kLog2e;
+  const float alibi_log2 = (kExtras && p.alibi) ? p.alibi[(int64_t)b * p.alibi_batch_stride + h] * kLog2e : 0.f;
+
+  // One K/V block per CTA in both modes. Deterministic mode orders the dQ additions with one counter per
+  // (sequence, head, query block) instead of the mma.sync kernel's per-block slices (see NOTES.md).
+  constexpr bool det = kDet;
+  int* sem = det ? p.dq_sem + ((int64_t)b * p.h + h) * p.dq_sem_stride : nullptr;
+  float* dq_acc = p.dq_accum + (int64_t)q_start * p.h * p.d + (int64_t)h * p.d;
+  const int64_t dq_row = (int64_t)p.h * p.d;
+
+  // Query blocks [lo, hi) that see any key of K/V block kbx.
+  auto m_range = [&](int kbx, int& lo, int& hi) {
+    const int jx = kbx * Bc;
+    int a = 0, z = sq;
+    if (wr >= 0) a = max(0, jx - diag - wr);
+    if (wl >= 0) z = min(sq, jx + Bc - 1 - diag + wl + 1);
+    lo = a / Br;
+    hi = z > a ? (z + Br - 1) / Br : lo;
+  };
+
+  // This thread's rows in the m64 accumulator tiles: key (in block) of S^T / dK / dV rows, query of dQ rows.
+  const int row0 = wwarp * 16 + g;  // and row0 + 8
+  const int key0 = wg * 64 + row0;
+
+  // Deterministic with a diagonal bound (causal, window_right >= 0): K/V block kb = nkb - 1 - blockIdx.x and
+  // additions in decreasing kb: the block nearest the diagonal reaches a query block first. Either way a block
+  // waits only for blocks of lower blockIdx.x (started before it: no deadlock).
+  const bool rev = det && wr >= 0;
+  const int kb = rev ? nkb - 1 - (int)blockIdx.x : (int)blockIdx.x;
+  if (kb >= 0 && kb < nkb) {
+    const int j0 = kb * Bc;
+    int m_begin, m_end;
+    m_range(kb, m_begin, m_end);
+
+    auto load_kv = [&]() {
+      constexpr int kChunks = Bc * (kD / 8);
+#pragma unroll
+      for (int c = tid; c < kChunks; c += Tr::kThreads) {
+        const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+        const bool ok = (j0 + r < sk) && (col < p.d);
+        const int rr = ok ? j0 + r : 0, cc = ok ? col : 0;
+        const uint32_t off = swz(Bc, r, col);
+        cp16(sK + off, kg + (int64_t)rr * p.k_row_stride + cc, ok);
+        cp16(sV + off, vg + (int64_t)rr * p.v_row_stride + cc, ok);
+      }
+    };
+    auto load_q = [&](int m, int stage) {
+      const int i0 = m * Br;
+      const uint32_t q_s = sQ0 + stage * Tr::kQ, do_s = sdO0 + stage * Tr::kQ;
+      constexpr int kChunks = Br * (kD / 8);
+#pragma unroll
+      for (int c = tid; c < kChunks; c += Tr::kThreads) {
+        const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+        const bool ok = (i0 + r < sq) && (col < p.d);
+        const int rr = ok ? i0 + r : 0, cc = ok ? col : 0;
+        const uint32_t off = swz(Br, r, col);
+        cp16(q_s + off, qg + (int64_t)rr * p.q_row_stride + cc, ok);
+        cp16(do_s + off, dog + (int64_t)rr * p.do_row_stride + cc, ok);
+      }
+      if (tid < Br) {
+        const bool ok = i0 + tid < sq;
+        const int rr = ok ? i0 + tid : 0;
+        cp4(sh_addr(sLse + stage * Br + tid), lseg + rr, ok);
+        cp4(sh_addr(sDs + stage * Br + tid), dsg + rr, ok);
+      }
+    };
+
+    float dk[kD / 2], dv[kD / 2];
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    if (m_begin < m_end) {
+      load_kv();
+      load_q(m_begin, 0);
+      cp_commit();
+    }
+
+    int pending = -1;  // deterministic: query block whose dQ additions are issued but not yet released
+    int first = rev ? kb : 0;  // deterministic: see the wait below
+    for (int m = m_begin; m < m_end; ++m) {
+      const int stage = (m - m_begin) & 1;
+      cp_wait_all();
+      fence_async_smem();
+      __syncthreads();  // tile m landed for everyone; iteration m - 1 (its wgmma reads included) is done
+      if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
+      cp_commit();
+      const uint32_t sQ = sQ0 + stage * Tr::kQ, sdO = sdO0 + stage * Tr::kQ;
+      const float* lse_s = sLse + stage * Br;
+      const float* ds_s = sDs + stage * Br;
+      const int i0 = m * Br;
+
+      // ---- S^T = K_w Q^T, dP^T = V_w dO^T (64 keys x Br queries each), two wgmma groups: P is computed while
+      // the tensor cores work on dP^T, and dV's products run while dS is computed.
+      float s[Br / 2], dp[Br / 2];
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t ka = (kk >> 2) * Bc * 128 + wg * 64 * 128 + (kk & 3) * 32;
+        const uint32_t qa = (kk >> 2) * Br * 128 + (kk & 3) * 32;
+        Wgmma<T, Br>::template ss<0, 0>(s, desc_sw128(sK + ka, 16, 1024), desc_sw128(sQ + qa, 16, 1024), kk > 0);
+      }
+      wg_commit();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t ka = (kk >> 2) * Bc * 128 + wg * 64 * 128 + (kk & 3) * 32;
+        const uint32_t qa = (kk >> 2) * Br * 128 + (kk & 3) * 32;
+        Wgmma<T, Br>::template ss<0, 0>(dp, desc_sw128(sV + ka, 16, 1024), desc_sw128(sdO + qa, 16, 1024), kk > 0);
+      }
+      wg_commit();
+      if (det && pending >= 0) {
+        // Deterministic: release the previous query block. Every thread issued its additions before this
+        // iteration's __syncthreads; the fence (cumulative, as in a grid barrier) waits for them while the
+        // tensor cores run S^T / dP^T.
+        if (tid == 0) {
+          __threadfence();
+          atomicAdd(sem + pending, 1);
+        }
+        pending = -1;
+      }
+      wg_wait<1>();
+      keep(s);
+
+      // ---- P^T (packed for dV) and P^T o softcap' (in place of S^T, for dS). Accumulator element e: key
+      // key0 + 8 ((e / 2) % 2), query 8 (e / 4) + 2 t + e % 2.
+      const bool full = (i0 + Br <= sq) && (j0 + Bc <= sk) && (wr < 0 || j0 + Bc - 1 <= i0 + diag + wr) &&
+                        (wl < 0 || j0 >= i0 + Br - 1 + diag - wl);
+      uint32_t pf[Br / 16][4], dsf[Br / 16][4];  // A fragments (k-chunk of 16 queries)
+      auto softmax = [&](auto full_tag) {
+        constexpr bool kFull = decltype(full_tag)::value;
+#pragma unroll
+        for (int n = 0; n < Br / 8; ++n) {
+          const int ql = n * 8 + 2 * t;
+          const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + ql);
+          const float l2[2] = {lse2.x * kLog2e, lse2.y * kLog2e};
+          float pv[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float x = s[n * 4 + e];
+            float grad = 1.f;  // softcap: d(cap tanh(x / cap)) / dx = 1 - tanh^2
+            const int kj = j0 + key0 + (e >> 1) * 8;  // key index in sequence
+            const int qi = i0 + ql + (e & 1);         // query index in sequence
+            float pr;
+            if constexpr (kExtras) {
+              float logit, th = 0.f;
+              if (has_softcap) {
+                th = tanhf(x * scale_log2);
+                logit = th * cap_log2;
+              } else {
+                logit = x * scale_log2;
+              }
+              if (p.alibi) logit -= alibi_log2 * fabsf((float)(qi + diag - kj));
+              pr = fast_exp2(logit - l2[e & 1]);
+              grad = 1.f - th * th;
+            } else {
+              pr = fast_exp2(fmaf(x, scale_log2, -l2[e & 1]));
+            }
+            if constexpr (!kFull) {
+              const bool vis =
+                  kj < sk && qi < sq && (wr < 0 || kj <= qi + diag + wr) && (wl < 0 || kj >= qi + diag - wl);
+              if (!vis) pr = 0.f;
+            }
+            pv[e] = pr;
+            s[n * 4 + e] = pr * grad;
+            (void)grad;
+            (void)kj;
+            (void)qi;
+          }
+          // A fragment of k-chunk n / 2: regs {0,1} from n-block 2c (rows g, g + 8), {2,3} from 2c + 1.
+          const int c = n >> 1, hi = (n & 1) * 2;
+          pf[c][hi] = Pk::pack(pv[0], pv[1]);
+          pf[c][hi + 1] = Pk::pack(pv[2], pv[3]);
+        }
+      };
+      if (full) softmax(std::true_type{});
+      else softmax(std::false_type{});
+
+      // ---- dV += P^T dO (k = Br queries; B = dO, MN-major: panels of 64 head-dim columns).
+      keep(dv);
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < Br / 16; ++kk)
+        Wgmma<T, kD>::template rs<1>(dv, pf[kk], desc_sw128(sdO + kk * 2048, Br * 128, 1024), 1);
+      wg_commit();
+      wg_wait<1>();
+      keep(dp);
+
+      // ---- dS^T = P^T o (dP^T - D) (o softcap'), as A fragments and into shared memory (row = key).
+#pragma unroll
+      for (int n = 0; n < Br / 8; ++n) {
+        const int ql = n * 8 + 2 * t;
+        const float2 dd = *reinterpret_cast<const float2*>(ds_s + ql);
+        const float dval[2] = {dd.x, dd.y};
+        float dsv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dsv[e] = s[n * 4 + e] * (dp[n * 4 + e] - dval[e & 1]);
+        const int c = n >> 1, hi = (n & 1) * 2;
+        dsf[c][hi] = Pk::pack(dsv[0], dsv[1]);
+        dsf[c][hi + 1] = Pk::pack(dsv[2], dsv[3]);
+        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, key0, ql)) = dsf[c][hi];
+        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, key0 + 8, ql)) = dsf[c][hi + 1];
+      }
+      fence_async_smem();
+
+      // ---- dK += dS^T Q.
+      keep(dk);
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < Br / 16; ++kk)
+        Wgmma<T, kD>::template rs<1>(dk, dsf[kk], desc_sw128(sQ + kk * 2048, Br * 128, 1024), 1);
+      wg_commit();
+
+      // ---- dQ (this warpgroup's 64 rows x kDQ columns) = dS K (k = 128 keys): A = dS^T tile (MN-major: a
+      // 64-query panel), B = K (MN-major: 64-column panels).
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");  // every warpgroup's dS^T is in shared memory
+      float dq[kDQ / 2];
+      const uint32_t a_off = Tr::kSplitQ ? wg * Bc * 128 : 0;  // query panel of this warpgroup
+      const uint32_t b_off = Tr::kSplitQ ? 0 : wg * Bc * 128;  // column panel of this warpgroup
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < Bc / 16; ++kk)
+        Wgmma<T, kDQ>::template ss<1, 1>(dq, desc_sw128(sdS + a_off + kk * 2048, Bc * 128, 1024),
+                                         desc_sw128(sK + b_off + kk * 2048, Bc * 128, 1024), kk > 0);
+      wg_commit();
+      if (det) {
+        // Deterministic: the K/V blocks covering query block m add into it one at a time, in a fixed order.
+        if (tid == 0) {
+          // The K/V blocks covering m form a range; those adding before this one are (kb, first] (rev) or
+          // [first, kb). `first` only moves forward as m grows, so this costs O(1) per query block.
+          int lo, hi;
+          if (rev) {
+            while (first + 1 < nkb && (m_range(first + 1, lo, hi), m >= lo && m < hi)) ++first;
+          } else {
+            while ((m_range(first, lo, hi), m < lo || m >= hi)) ++first;
+          }
+          const int target = rev ? first - kb : kb - first;
+          while (ld_acquire(sem + m) != target) __nanosleep(32);
+        }
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      }
+      wg_wait<0>();
+      keep(dq);
+      keep(dv);
+      keep(dk);
+      keep(pf);
+      keep(dsf);
+
+      // float4 atomics: lanes t, t ^ 1 swap halves so that each adds 4 consecutive columns of one row.
+      const int qrow = i0 + (Tr::kSplitQ ? wg * 64 : 0) + row0 + (t & 1) * 8;
+      const int col0 = Tr::kSplitQ ? 0 : wg * kDQ;
+#pragma unroll
+      for (int n = 0; n < kDQ / 8; ++n) {
+        const float s0 = (t & 1) ? dq[n * 4 + 0] : dq[n * 4 + 2];
+        const float s1 = (t & 1) ? dq[n * 4 + 1] : dq[n * 4 + 3];
+        const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+        const float r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+        const float4 v = (t & 1) ? make_float4(r0, r1, dq[n * 4 + 2], dq[n * 4 + 3])
+                                 : make_float4(dq[n * 4 + 0], dq[n * 4 + 1], r0, r1);
+        const int col = col0 + n * 8 + (t >> 1) * 4;
+        if (qrow < sq && col < p.d) atomicAdd(reinterpret_cast<float4*>(dq_acc + (int64_t)qrow * dq_row + col), v);
+      }
+      if (det) pending = m;
+    }
+    if (det && pending >= 0) {
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      if (tid == 0) {
+        __threadfence();
+        atomicAdd(sem + pending, 1);
+      }
+    }
+
+    cp_wait_all();
+
+    // ---- dK (scaled) and dV: element e of n-block n is key key0 + 8 ((e / 2) % 2), column 8 n + 2 t + e % 2.
+    const float sc = p.scale;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int ka = j0 + key0 + half * 8;
+      if (ka >= sk) continue;
+#pragma unroll
+      for (int n = 0; n < kD / 8; ++n) {
+        const int col = n * 8 + 2 * t;
+        if (col >= p.d) continue;
+        const float k0 = dk[n * 4 + 2 * half] * sc, k1 = dk[n * 4 + 2 * half + 1] * sc;
+        const float v0 = dv[n * 4 + 2 * half], v1 = dv[n * 4 + 2 * half + 1];
+        if (group == 1) {
+          const int64_t off = ((int64_t)(k_start + ka) * p.h_k + hk) * p.d + col;
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dk) + off) = Pk::pack(k0, k1);
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + off) = Pk::pack(v0, v1);
+        } else {
+          const int64_t off = ((int64_t)(k_start + ka) * p.h + h) * p.d + col;
+          *reinterpret_cast<float2*>(p.dk_accum + off) = make_float2(k0, k1);
+          *reinterpret_cast<float2*>(p.dv_accum + off) = make_float2(v0, v1);
+        }
+      }
+    }
+  }
+#endif  // sm_90a
+}
+
+// Launches the Hopper kernel (probe: only says whether it would). *used = false (and nothing launched) when this
+// binary holds no sm_90a code for it.
+template <typename T, int kD>
+cudaError_t run_hopper_impl(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
+  using Tr = HTraits<kD>;
+  *used = false;
+  const bool extras = p.softcap > 0.f || p.alibi != nullptr;
+  auto kernel = extras ? (p.deterministic ? bwd_hopper_kernel<T, kD, true, true>
+                                          : bwd_hopper_kernel<T, kD, true, false>)
+                       : (p.deterministic ? bwd_hopper_kernel<T, kD, false, true>
+                                          : bwd_hopper_kernel<T, kD, false, false>);
+  cudaFuncAttributes attr;
+  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  if (e != cudaSuccess || attr.binaryVersion < 90) {
+    cudaGetLastError();  // clear
+    return cudaSuccess;
+  }
+  if (probe) {
+    *used = true;
+    return cudaSuccess;
+  }
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  *used = true;
+  const int nkb = (p.max_seqlen_k + Tr::Bc - 1) / Tr::Bc;
+  if (nkb == 0 || p.b == 0 || p.h == 0) return cudaSuccess;
+  // Deterministic mode relies on blocks starting in increasing blockIdx.x (x varies fastest): block kb waits
+  // only for blocks kb' < kb of its (head, sequence).
+  kernel<<<dim3(nkb, p.h, p.b), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace hopper
+}  // namespace bwd
+}  // namespace flashserve
