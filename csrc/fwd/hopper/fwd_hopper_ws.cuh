@@ -7,6 +7,8 @@
 //                     fence: cp.async writes are generic, wgmma reads are async-proxy).
 //   empty[K|V][stage] count 8: lane 0 of each consumer warp arrives once its wgmma reading it completed.
 // The i-th visited key block uses stage i & 1; waits use the phase parity (i >> 1) & 1.
+// kPingPong: the consumers take turns issuing their GEMMs (named barriers 3 and 4), so the tensor cores
+// run one warpgroup's S / P V while the other does its softmax.
 #pragma once
 #include "fwd_hopper_kernel.cuh"
 
@@ -22,12 +24,16 @@ struct WsTraits {
   static constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K
 };
 
+#ifndef FS_HOPPER_PINGPONG
+#define FS_HOPPER_PINGPONG 0  // measured neutral (+-2%, NOTES.md); kept as an option
+#endif
+
 template <int HD> struct WsConfig;
 template <> struct WsConfig<64> { using Traits = WsTraits<64, FS_HOPPER_BN_64>; };
 template <> struct WsConfig<128> { using Traits = WsTraits<128, FS_HOPPER_BN_128>; };
 template <> struct WsConfig<256> { using Traits = WsTraits<256, FS_HOPPER_BN_256>; };
 
-template <typename T, typename Tr>
+template <typename T, typename Tr, bool kPingPong>
 __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_hopper_ws_kernel(const FwdParams p) {
 #ifdef FS_HOPPER_DEVICE
   constexpr int HD = Tr::HD, BM = Tr::BM, BN = Tr::BN, DT = HD / 8;
@@ -143,9 +149,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_hopper_ws_kernel(const Fw
     };
 
     mbar_wait(bar_q, 0);
+    if (kPingPong && cw == 1) named_arrive(3, 256);  // warpgroup 1 goes first
     for (int i = 0; i < n_blocks; ++i) {
       const int st = i & 1, n0 = (nb_max - 1 - i) * BN;
       mbar_wait(bar_kf(st), (i >> 1) & 1);
+      if (kPingPong) named_sync(3 + cw, 256);  // my turn
+      // Hand the turn over after issuing (warpgroup 2's last hand-over would have no taker).
+      const bool hand_over = cw == 0 || i + 1 < n_blocks;
       float s[BN / 2];
       fence_regs(acc_o);
       wgmma_fence();
@@ -160,8 +170,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_hopper_ws_kernel(const Fw
       if (i > 0) {
         mbar_wait(bar_vf(st ^ 1), ((i - 1) >> 1) & 1);
         issue_pv(st ^ 1);
+        if (kPingPong && hand_over) named_arrive(3 + (cw ^ 1), 256);
         wgmma_wait<1>();
       } else {
+        if (kPingPong && hand_over) named_arrive(3 + (cw ^ 1), 256);
         wgmma_wait<0>();
       }
       fence_regs(s);
@@ -217,10 +229,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_hopper_ws_kernel(const Fw
 
 }  // namespace hopper
 
-template <typename T, int HD>
+template <typename T, int HD, bool kPingPong = FS_HOPPER_PINGPONG>
 void launch_fwd_hopper_ws(const FwdParams& p, cudaStream_t stream) {
   using Tr = typename hopper::WsConfig<HD>::Traits;
-  auto kernel = hopper::fwd_hopper_ws_kernel<T, Tr>;
+  auto kernel = hopper::fwd_hopper_ws_kernel<T, Tr, kPingPong>;
   constexpr int smem = Tr::kSmemBytes;
   static bool done[64] = {false};  // raise the dynamic smem limit once per device
   int dev = 0;

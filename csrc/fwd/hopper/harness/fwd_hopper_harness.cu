@@ -51,14 +51,16 @@ struct Case {
   int wl, wr;  // -1: unbounded; causal = (-1, 0)
 };
 
-// Kernels compared: 0 = mma.sync (fwd_kernel.cuh), 1 = Hopper plain, 2 = Hopper warp-specialized
+// Kernels compared: 0 = mma.sync (fwd_kernel.cuh), 1 = Hopper plain, 2 = Hopper warp-specialized,
 // (launch_fwd_hopper, what the extension runs, is one of the two per head-dim class).
-constexpr int kKernels = 3;
-static const char* kNames[kKernels] = {"mma", "hopper", "hopper_ws"};
+// 3 = warp-specialized with ping-pong consumers.
+constexpr int kKernels = 4;
+static const char* kNames[kKernels] = {"mma", "hopper", "hopper_ws", "ws_pingpong"};
 template <typename T, int HD>
 void launch(int which, const FwdParams& p) {
   if (which == 1) launch_fwd_hopper_plain<T, HD>(p, 0);
-  else if (which == 2) launch_fwd_hopper_ws<T, HD>(p, 0);
+  else if (which == 2) launch_fwd_hopper_ws<T, HD, false>(p, 0);
+  else if (which == 3) launch_fwd_hopper_ws<T, HD, true>(p, 0);
   else launch_fwd<T, HD, false, false>(p, 0);
 }
 
