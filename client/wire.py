@@ -9,7 +9,9 @@ tensor's storage is sent as it lies in memory.
 from __future__ import annotations
 
 import math
+import queue
 import sys
+import threading
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -152,21 +154,28 @@ class TensorAssembler:
             self._filled = 0
 
     def add_chunk(self, data: bytes) -> None:
+        copy_pieces(self.place(len(data)), data)
+
+    def place(self, nbytes: int) -> List[Tuple[np.ndarray, int, int, int]]:
+        """Claim the next nbytes of the stream: the (destination array, destination offset, source offset,
+        length) pieces a chunk of that size fills. The copies themselves (`copy_pieces`) may then run on any
+        thread, in any order: each chunk owns its destination bytes."""
         if self.header is None:
             raise WireError("a data chunk arrived before the header", "header")
-        src = np.frombuffer(data, dtype=np.uint8)
+        pieces = []
         pos = 0
-        while pos < len(src):
+        while pos < nbytes:
             if self._index >= len(self._buffers):
                 raise WireError(f"more bytes arrived than the header describes ({self.expected_bytes()} bytes)",
                                 "chunk")
             desc, _, dst = self._buffers[self._index]
-            take = min(desc.nbytes - self._filled, len(src) - pos)
-            dst[self._filled:self._filled + take] = src[pos:pos + take]
+            take = min(desc.nbytes - self._filled, nbytes - pos)
+            pieces.append((dst, self._filled, pos, take))
             self._filled += take
             pos += take
             self._skip_empty()
-        self.received_bytes += len(src)
+        self.received_bytes += nbytes
+        return pieces
 
     def complete(self) -> bool:
         return self.header is not None and self._index >= len(self._buffers)
@@ -180,6 +189,13 @@ class TensorAssembler:
             raise WireError(f"the stream ended early: tensor '{desc.name}' got {self._filled} of {desc.nbytes} "
                             f"bytes ({self.received_bytes} of {self.expected_bytes()} in all)", desc.name)
         return {desc.name: as_tensor(buf, desc) for desc, buf, _ in self._buffers}
+
+
+def copy_pieces(pieces: Sequence[Tuple[np.ndarray, int, int, int]], data) -> None:
+    """Copy a chunk into the places `TensorAssembler.place` gave it (numpy releases the GIL for large copies)."""
+    src = np.frombuffer(data, dtype=np.uint8)
+    for dst, at, src_pos, n in pieces:
+        dst[at:at + n] = src[src_pos:src_pos + n]
 
 
 def as_tensor(buf: torch.Tensor, desc: pb.TensorDesc) -> torch.Tensor:
@@ -264,3 +280,59 @@ def iter_encoded(header: pb.Header, tensors: Sequence[torch.Tensor], chunk_bytes
     for pieces in chunk_pieces(tensors, chunk_bytes):
         size = sum(len(p) for p in pieces)
         yield b"".join([bytes([_CHUNK_TAG]), _varint(size), *pieces])
+
+
+# ---- encoding ahead of the sender ------------------------------------------------------------------
+# gRPC's senders take the next message only after the previous one was handed to the transport, so a
+# chunk's encoding copy would otherwise sit between two sends. Encoding one or two chunks ahead on a
+# helper thread (the copy releases the GIL) overlaps it with the transfer.
+_END = object()
+
+
+class _Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def ahead(items: Iterable, depth: int = 2) -> Iterator:
+    """Yield what `items` yields, produced on a helper thread up to `depth` items ahead. Closing (or
+    dropping) the returned generator stops the helper."""
+    q: "queue.Queue" = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(_Failed(exc))
+
+    threading.Thread(target=produce, name="flashserve-encode", daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+
+
+def chunk_count(tensors: Sequence[torch.Tensor], chunk_bytes: int) -> int:
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    return -(-total // max(1, chunk_bytes))

@@ -52,3 +52,50 @@ def test_assembler_rejects_bad_streams():
     asm.add_chunk(wire.byte_view(TENSORS[0]).tobytes())
     with pytest.raises(wire.WireError, match="more bytes arrived"):
         asm.add_chunk(b"\x00")
+
+
+def test_chunks_copied_out_of_order_assemble_the_same_tensors():
+    tensors = [torch.randn(1000, 3), torch.arange(7, dtype=torch.int32), torch.randn(5, 2).bfloat16()]
+    header = pb.Header(tensors=[wire.describe(f"t{i}", t) for i, t in enumerate(tensors)])
+    frames = [pb.Frame.FromString(f) for f in wire.iter_encoded(header, tensors, 1000)][1:]
+    asm = wire.TensorAssembler()
+    asm.set_header(header)
+    placed = [(asm.place(len(f.chunk)), f.chunk) for f in frames]  # claimed in stream order ...
+    for pieces, data in reversed(placed):  # ... copied in any order (the server copies on helper threads)
+        wire.copy_pieces(pieces, data)
+    got = asm.finish()
+    assert all(torch.equal(got[f"t{i}"], t) for i, t in enumerate(tensors))
+    with pytest.raises(wire.WireError):
+        asm.place(1)  # every byte was claimed
+
+
+def test_ahead_yields_everything_in_order_and_passes_errors_on():
+    assert list(wire.ahead(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing():
+        yield 1
+        raise RuntimeError("encoder broke")
+
+    with pytest.raises(RuntimeError, match="encoder broke"):
+        list(wire.ahead(failing()))
+
+
+def test_ahead_stops_its_thread_when_dropped():
+    import threading
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = set(threading.enumerate())
+    gen = wire.ahead(endless(), depth=2)
+    assert next(gen) == 0
+    (helper,) = [t for t in threading.enumerate() if t not in before and t.name == "flashserve-encode"]
+    gen.close()  # gRPC drops the request iterator of a failed call
+    helper.join(2)
+    assert not helper.is_alive() and len(produced) <= 5
