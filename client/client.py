@@ -19,6 +19,7 @@ from flashserve.proto import attention_pb2_grpc as pb_grpc
 
 from . import shm as shm_transport
 from . import wire
+from .buffers import RecyclingPool
 from .errors import RemoteError, ResidualsEvicted
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
@@ -71,6 +72,7 @@ class Client:
         self._regions: Optional[shm_transport.RegionPool] = None
         self._kv_bytes: Dict[str, Tuple[int, int]] = {}  # residual handle -> (k, v) bytes, for dk/dv slots
         self._kv_lock = threading.Lock()
+        self._buffers = RecyclingPool()  # result buffers, reused once the caller dropped them (no page faults)
 
     # ---- plumbing ----------------------------------------------------------------------------
     def _rpc(self, fn, *args, timeout: Optional[float] = None):
@@ -119,6 +121,10 @@ class Client:
                 if not (exc.code == grpc.StatusCode.INVALID_ARGUMENT and "shared-memory" in exc.details
                         and ("unknown" in exc.details or "does not accept" in exc.details)):
                     raise
+                if "unknown" in exc.details and self._regions.memfd:
+                    # the server cannot open our memfds (e.g. another PID namespace): try /dev/shm files
+                    self._regions.use_files()
+                    return self._stream_call(method, header, tensors, timeout, out_sizes)
                 self._shm_ok = False  # the server cannot see our regions after all: chunks from now on
                 for d in header.tensors:
                     d.ClearField("shm")
@@ -131,28 +137,32 @@ class Client:
                 if self._regions is None:
                     self._regions = shm_transport.RegionPool()
         in_bytes = sum(shm_transport.align(t.numel() * t.element_size()) for t in tensors)
-        out_bytes = sum(shm_transport.align(n) for n in out_sizes) if out_sizes else 0
-        region = self._regions.acquire(in_bytes + out_bytes)
+        region = self._regions.acquire(in_bytes)
+        out_region = None
+        if out_sizes:  # results come back as views of a region of their own: no copy out
+            out_region = self._regions.acquire_output(sum(shm_transport.align(n) for n in out_sizes))
         try:
             pos = 0
             for desc, t in zip(header.tensors, tensors):
                 desc.shm.region, desc.shm.offset = region.name, pos
                 pos += shm_transport.align(region.put(t, pos))
-            if out_sizes:
-                header.output_region, header.output_offset = region.name, pos
+            if out_region is not None:
+                header.output_region, header.output_offset = out_region.name, 0
             reply, outputs = self._bytes_call(method, header, [], timeout)
             for d in reply.tensors:
                 if d.HasField("shm"):
-                    if d.shm.region != region.name:
+                    if out_region is None or d.shm.region != out_region.name:
                         raise RemoteError(grpc.StatusCode.INTERNAL, f"the server wrote '{d.name}' into region "
-                                          f"{d.shm.region!r}, not ours", self.target)
-                    outputs[d.name] = region.take(d.shm.offset, wire.PROTO_TO_TORCH[d.dtype], d.shape)
+                                          f"{d.shm.region!r}, not the one we named", self.target)
+                    outputs[d.name] = out_region.view(d.shm.offset, wire.PROTO_TO_TORCH[d.dtype], d.shape)
                     self.shm_bytes_received += d.nbytes
             self.shm_bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
             self.bytes_received -= sum(d.nbytes for d in reply.tensors if d.HasField("shm"))
             return reply, outputs
         finally:
             self._regions.release(region)
+            if out_region is not None:
+                self._regions.release_output(out_region)
 
     def _bytes_call(self, method, header: pb.Header, tensors: Sequence[torch.Tensor],
                     timeout: Optional[float] = None) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
@@ -162,7 +172,10 @@ class Client:
 
         def attempt(timeout, metadata):
             frames = wire.iter_encoded(header, tensors, self.chunk_bytes)
-            reply, outputs = wire.read_stream(method(frames, timeout=timeout, metadata=metadata))
+            if wire.chunk_count(tensors, self.chunk_bytes) > 1:
+                frames = wire.ahead(frames)  # encode the next chunk while this one is sent
+            reply, outputs = wire.read_stream(method(frames, timeout=timeout, metadata=metadata),
+                                              allocate=self._buffers.allocate)
             self.bytes_sent += sent
             return reply, outputs
 

@@ -1,16 +1,27 @@
 """Same-host shared-memory transport, client side.
 
-The client creates POSIX shared-memory regions (/dev/shm/flashserve_<pid>_<random>, mode 0600: the
-server must run as the same user), reuses them across calls (a region grows when a call needs more),
-copies its input tensors into a region once and sends only (region, offset) per tensor; the server
-reads them, and writes the outputs into the same region after the inputs (output_region /
-output_offset), where the client copies them out once. Regions are unlinked at close / exit.
+The client creates shared-memory regions, reuses them across calls (a region grows when a call needs
+more), copies its input tensors into a region once and sends only (region, offset) per tensor; the
+server reads them, and writes the outputs into the same region after the inputs (output_region /
+output_offset), where the client copies them out once.
+
+Two kinds of region (the server must run as the same user, on this host):
+  * sealed memfd (default on Linux): an anonymous memfd_create file, sized once and sealed against
+    shrinking and growing (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL), named
+    `flashserve_fd_<pid>_<fd>_<token>`; the server opens it as /proc/<pid>/fd/<fd>. Because the kernel
+    guarantees that such a file never shrinks, the server may map it and copy with plain memory copies
+    (a mapping of a file that can shrink would turn a shrink into SIGBUS for the whole server).
+    It vanishes with the last descriptor or mapping: nothing to clean up.
+  * POSIX file (/dev/shm/flashserve_<pid>_<random>, mode 0600): the fallback where memfds are not
+    available or the server cannot open them (e.g. another PID namespace). The server reads it with
+    pread and writes with pwrite. Unlinked at close / exit.
 
 Used automatically (Client(transport="auto")) when the server says it accepts shared memory, the target
 is loopback or a unix: socket, and the server reports this host's hostname."""
 from __future__ import annotations
 
 import atexit
+import fcntl
 import mmap
 import os
 import secrets
@@ -21,10 +32,18 @@ from typing import List, Optional
 
 import torch
 
+from .buffers import storage_use_count
+
 SHM_DIR = "/dev/shm"
 PREFIX = "flashserve_"
 ALIGN = 64
 MIN_REGION = 1 << 20
+MEMFD_PREFIX = PREFIX + "fd_"
+_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0) | getattr(fcntl, "F_SEAL_SEAL", 0)
+
+
+def memfd_supported() -> bool:
+    return hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS") and os.path.isdir("/proc/self/fd")
 
 
 def align(n: int) -> int:
@@ -63,23 +82,39 @@ def same_host(server_hostname: str) -> bool:
 
 
 class Region:
-    """One shared-memory region this process created."""
+    """One shared-memory region this process created: a sealed memfd (memfd=True, the default where
+    supported) or a /dev/shm file (memfd=False)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, memfd: Optional[bool] = None):
         self.size = max(MIN_REGION, align(size))
-        self.name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
-        self.path = os.path.join(SHM_DIR, self.name)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        self.memfd = memfd_supported() if memfd is None else memfd
+        token = secrets.token_hex(6)
+        if self.memfd:
+            fd = os.memfd_create(f"{PREFIX}{token}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            self.name = f"{MEMFD_PREFIX}{os.getpid()}_{fd}_{token}"
+            self.path = f"/proc/{os.getpid()}/fd/{fd}"
+        else:
+            self.name = f"{PREFIX}{os.getpid()}_{token}"
+            self.path = os.path.join(SHM_DIR, self.name)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             os.ftruncate(fd, self.size)
+            if self.memfd:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             self._mmap = mmap.mmap(fd, self.size)
         except BaseException:
             os.close(fd)
-            os.unlink(self.path)
+            if not self.memfd:
+                os.unlink(self.path)
             raise
-        os.close(fd)
+        if self.memfd:
+            self._fd = fd  # the server finds the region through this descriptor: it stays open
+            self._finalizer = weakref.finalize(self, os.close, fd)
+        else:
+            os.close(fd)
+            self._fd = None
+            self._finalizer = weakref.finalize(self, _unlink, self.path)
         self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
-        self._finalizer = weakref.finalize(self, _unlink, self.path)
 
     def view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
         itemsize = dtype.itemsize
@@ -96,10 +131,19 @@ class Region:
         self.view(offset, t.dtype, t.shape).copy_(t)
         return t.numel() * t.element_size()
 
-    def take(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        """A copy of the tensor at offset (the region is reused by the next call)."""
+    def idle(self) -> bool:
+        """No tensor views this region's memory any more (one reference is our own, one the check's)."""
+        return self._bytes is not None and storage_use_count(self._bytes) == 2
+
+    def take(self, offset: int, dtype: torch.dtype, shape, allocate=None) -> torch.Tensor:
+        """A copy of the tensor at offset (the region is reused by the next call); `allocate(nbytes)` gives
+        the uint8 buffer to copy into (default: a fresh one)."""
         src = self.view(offset, dtype, shape)
-        out = torch.empty(src.shape, dtype=dtype)
+        nbytes = src.numel() * src.element_size()
+        if allocate is None or nbytes == 0:
+            out = torch.empty(src.shape, dtype=dtype)
+        else:
+            out = allocate(nbytes).view(dtype).view(src.shape)
         out.copy_(src)
         return out
 
@@ -120,14 +164,71 @@ def _unlink(path: str) -> None:
 
 
 class RegionPool:
-    """Regions for concurrent calls of one client; each call holds one region exclusively."""
+    """Regions for concurrent calls of one client; each call holds one input region exclusively.
 
-    def __init__(self):
+    Output regions are separate: a call's results are returned as views of its output region (no copy
+    out), and that region is lent again only once no such view is alive. A caller that keeps its results
+    keeps only their region, sized for them; `max_idle_output_bytes` bounds the idle ones kept for reuse."""
+
+    def __init__(self, memfd: Optional[bool] = None, max_idle_output_bytes: int = 1 << 30):
         self._lock = threading.Lock()
         self._free: List[Region] = []
         self._all: List[Region] = []
+        self._outputs: List[Region] = []  # output regions, least recently lent first
+        self._lent: set = set()  # output regions of calls in flight
+        self.max_idle_output_bytes = max_idle_output_bytes
         self.created = 0
+        self.memfd = memfd_supported() if memfd is None else memfd
         atexit.register(self.close)
+
+    def acquire_output(self, size: int) -> Region:
+        """An output region of at least `size` bytes, for one call; give it back with release_output once the
+        result views exist (it is reused only after they are gone)."""
+        drop: List[Region] = []
+        with self._lock:
+            idle = [r for r in self._outputs if id(r) not in self._lent and r.memfd == self.memfd and r.idle()]
+            fits = [r for r in idle if size <= r.size <= 2 * max(size, MIN_REGION)]
+            if fits:
+                region = min(fits, key=lambda r: r.size)
+                self._outputs.remove(region)
+            else:
+                idle_bytes = sum(r.size for r in idle)
+                for r in idle:  # oldest first, down to the bound
+                    if idle_bytes + size <= self.max_idle_output_bytes:
+                        break
+                    drop.append(r)
+                    idle_bytes -= r.size
+                self._outputs = [r for r in self._outputs if r not in drop]
+                region = None
+        for r in drop:
+            r.close()
+        if region is None:
+            region = Region(max(size, size + size // 4), memfd=self.memfd)
+        with self._lock:
+            self._outputs.append(region)
+            self._lent.add(id(region))
+            self.created += 1
+        return region
+
+    def release_output(self, region: Region) -> None:
+        with self._lock:
+            self._lent.discard(id(region))
+
+    def regions(self) -> List[Region]:
+        with self._lock:
+            return self._all + self._outputs
+
+    def use_files(self) -> None:
+        """From now on create /dev/shm file regions (the server could not open our memfds)."""
+        with self._lock:
+            self.memfd = False
+            stale = [r for r in self._free if r.memfd]
+            self._free = [r for r in self._free if not r.memfd]
+            self._all = [r for r in self._all if r not in stale]
+            idle_out = [r for r in self._outputs if r.memfd and id(r) not in self._lent and r.idle()]
+            self._outputs = [r for r in self._outputs if r not in idle_out]
+        for r in stale + idle_out:
+            r.close()
 
     def acquire(self, size: int) -> Region:
         with self._lock:
@@ -143,22 +244,26 @@ class RegionPool:
                 self._free.remove(old)
                 self._all.remove(old)
                 old.close()
-            region = Region(max(size, size + size // 4))
+            region = Region(max(size, size + size // 4), memfd=self.memfd)
             self._all.append(region)
             self.created += 1
             return region
 
     def release(self, region: Region) -> None:
         with self._lock:
-            if region in self._all:
+            if region not in self._all:
+                return
+            if region.memfd == self.memfd:
                 self._free.append(region)
+                return
+            self._all.remove(region)  # a memfd region after use_files(): not used again
+        region.close()
 
     def names(self) -> List[str]:
-        with self._lock:
-            return [r.name for r in self._all]
+        return [r.name for r in self.regions()]
 
     def close(self) -> None:
         with self._lock:
-            regions, self._all, self._free = self._all, [], []
+            regions, self._all, self._free, self._outputs = self._all + self._outputs, [], [], []
         for r in regions:
             r.close()

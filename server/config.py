@@ -21,6 +21,7 @@ class ServerConfig:
     max_message_bytes: int = dataclasses.field(default=80 << 20, metadata={"help": "gRPC message size limit"})
     chunk_bytes: int = dataclasses.field(default=4 << 20, metadata={"help": "default response chunk size"})
     workers: int = dataclasses.field(default=2, metadata={"help": "compute threads"})
+    cpu_threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per compute thread on a CPU backend (0: cores / workers)"})
     batch_tokens: int = dataclasses.field(default=32768, metadata={"help": "token budget of one batched launch (0: no batching)"})
     batch_delay_us: int = dataclasses.field(default=500, metadata={"help": "max time a request waits to be batched"})
     allow_shm: bool = dataclasses.field(default=False, metadata={"help": "accept same-host shared-memory tensors"})

@@ -48,6 +48,11 @@ class Job:
     deadline: Optional[float] = None  # time.monotonic() by which the caller gives up
     timings: Dict[str, float] = dataclasses.field(default_factory=dict)
     created: float = dataclasses.field(default_factory=time.monotonic)
+    # Run on the compute worker right before / after the launch, so the event loop spends no executor hop on
+    # them (e.g. reading inputs from shared memory, writing outputs into it). A failure fails this job alone.
+    prepare: Optional[Callable[[], None]] = None
+    finish: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None
+    output_descs: Optional[list] = None  # set by a `finish` that wrote the outputs into shared memory
 
     def batch_key(self):
         """Jobs with equal keys may share one kernel launch."""
@@ -391,7 +396,35 @@ class Scheduler:
         cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._finished, f, live))
 
     def _compute(self, jobs: List[Job]) -> List[object]:
-        """Worker thread: one launch; if a batch fails, each member alone (only the bad one fails)."""
+        """Worker thread: each job's `prepare`, one launch, each job's `finish`; per job its outputs or the
+        exception that failed it (a failing member never fails its batch-mates)."""
+        results: List[object] = [None] * len(jobs)
+        ready = []
+        for i, j in enumerate(jobs):
+            try:
+                if j.prepare is not None:
+                    t0 = time.perf_counter()
+                    prepare, j.prepare = j.prepare, None  # it may reference the job: no cycle outlives the call
+                    prepare()
+                    j.timings["receive_s"] = j.timings.get("receive_s", 0.0) + time.perf_counter() - t0
+                ready.append(i)
+            except Exception as exc:  # noqa: PERF203 - one failure per bad member
+                results[i] = exc
+        launched = self._launch_batch([jobs[i] for i in ready]) if ready else []
+        for i, res in zip(ready, launched):
+            if jobs[i].finish is not None and not isinstance(res, BaseException):
+                try:
+                    t0 = time.perf_counter()
+                    finish, jobs[i].finish = jobs[i].finish, None
+                    finish(res)
+                    jobs[i].timings["copy_out_s"] = jobs[i].timings.get("copy_out_s", 0.0) + time.perf_counter() - t0
+                except Exception as exc:  # noqa: PERF203
+                    res = exc
+            results[i] = res
+        return results
+
+    def _launch_batch(self, jobs: List[Job]) -> List[object]:
+        """One launch; if a batch fails, each member alone (only the bad one fails)."""
         try:
             return execute_batch(self.backend, jobs, self.stats, self.allocate)
         except Exception as exc:

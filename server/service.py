@@ -4,7 +4,11 @@ Every failure is a gRPC status on that call alone; the server keeps serving ever
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import functools
 import logging
+import os
 import socket
 import time
 from typing import AsyncIterator, Dict, Optional
@@ -14,8 +18,8 @@ import torch
 
 from flashserve.proto import attention_pb2 as pb
 from flashserve.proto import attention_pb2_grpc as pb_grpc
-from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, decode_frame, describe, encode_frame,
-                             iter_encoded)
+from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, chunk_count, copy_pieces, decode_frame,
+                             describe, encode_frame, iter_encoded)
 
 from . import metrics
 from .pool import BufferPool
@@ -30,6 +34,16 @@ VERSION = "0.1.0"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Attention"].full_name
 
 METHOD_NAMES = {pb.FORWARD: "Forward", pb.BACKWARD: "Backward"}
+# Chunks at least this large are copied into their tensors (and response chunks encoded) on helper threads,
+# so the event loop goes on receiving (sending) while they are copied; smaller ones are not worth the hop.
+INLINE_SHM_BYTES = 64 << 10  # shared-memory tensors up to this size are read on the event loop
+OFFLOAD_BYTES = 1 << 20
+COPIES_AHEAD = 4  # chunk copies of one call in flight at once
+
+
+def _read_deferred(job: Job, read, header: pb.Header, allocate, names) -> None:
+    """Job.prepare: the large shared-memory inputs, read on the compute worker."""
+    job.tensors.update(read(header, allocate, names=names))
 
 
 def add_to_server(service: "AttentionService", server) -> None:
@@ -66,6 +80,8 @@ class AttentionService(pb_grpc.AttentionServicer):
         # CPU receive buffers are reused across calls (no first-touch page faults); on CUDA the scheduler's
         # pinned allocator (torch's caching host allocator) already is a pool.
         self.pool = BufferPool() if getattr(self.scheduler, "allocate", None) is None else None
+        self.copier = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
+                                                            thread_name_prefix="flashserve-copy")
 
     # ---- RPC methods -------------------------------------------------------------------------
     async def Forward(self, request_iterator, context) -> AsyncIterator[pb.Frame]:
@@ -109,13 +125,18 @@ class AttentionService(pb_grpc.AttentionServicer):
         tensors = job = outputs = None
         admitted = [0]  # bytes this call added to self.inflight_bytes (set by _receive once the header is checked)
         try:
-            header, tensors, shapes, params, received_s = await self._receive(operation, request_iterator, lease,
-                                                                              admitted)
+            header, tensors, shapes, params, received_s, deferred = await self._receive(
+                operation, request_iterator, lease, admitted)
             remaining = context.time_remaining()
             job = Job(op="forward" if operation == pb.FORWARD else "backward", tensors=tensors, params=params,
                       shapes=shapes, return_softmax=header.params.return_softmax and operation == pb.FORWARD,
                       deadline=None if remaining is None else time.monotonic() + remaining)
             job.timings["receive_s"] = received_s
+            if deferred is not None:
+                job.prepare = functools.partial(_read_deferred, job, *deferred)
+            keeps = operation == pb.FORWARD and header.keep_residuals and self.residuals is not None
+            if header.output_region and self.shm is not None and not keeps:
+                job.finish = functools.partial(self._write_outputs, job, header)
             if operation == pb.BACKWARD and header.residual_handle:
                 self._attach_residuals(job, header.residual_handle)
             outputs = await self.scheduler.run(job)
@@ -146,6 +167,8 @@ class AttentionService(pb_grpc.AttentionServicer):
             await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self.inflight_bytes -= admitted[0]
+            if job is not None:
+                job.prepare = job.finish = None  # they reference the job: break the cycle so buffers come back
             if lease is not None:
                 tensors = job = outputs = None  # our references go first; buffers anyone else holds stay out
                 lease.release()
@@ -170,43 +193,70 @@ class AttentionService(pb_grpc.AttentionServicer):
         asm = TensorAssembler(lease.allocate if lease is not None else getattr(self.scheduler, "allocate", None))
         shapes = params = None
         t_first = None
-        async for frame in request_iterator:
-            kind = frame.WhichOneof("kind")
-            if t_first is None:
-                t_first = time.perf_counter()
-                if kind != "header":
-                    raise WireError("the first frame must be a header", "header")
-                header = frame.header
-                has_residuals = operation == pb.BACKWARD and bool(header.residual_handle)
-                if has_residuals and self.residuals is None:
-                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                       "residual_handle: this server keeps no residuals; send the tensors")
-                shapes = check_header(header, operation, self.caps, self.config, has_residuals)
-                head_dim = shapes.head_dim if shapes else self.residuals.head_dim(header.residual_handle)
-                params = attention_params(header, head_dim, self.caps, operation)
-                if admitted is not None:
-                    self._admit_bytes(header, admitted)
-                asm.set_header(header)
-            elif kind == "chunk":
-                asm.add_chunk(frame.chunk)
-            elif kind == "header":
-                raise WireError("a second header arrived in one stream", "header")
-            else:
-                raise WireError("an empty frame arrived", "frame")
+        loop = asyncio.get_running_loop()
+        copies = collections.deque()  # chunk copies running on the copier threads, oldest first
+        try:
+            async for frame in request_iterator:
+                kind = frame.WhichOneof("kind")
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    if kind != "header":
+                        raise WireError("the first frame must be a header", "header")
+                    header = frame.header
+                    has_residuals = operation == pb.BACKWARD and bool(header.residual_handle)
+                    if has_residuals and self.residuals is None:
+                        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                           "residual_handle: this server keeps no residuals; send the tensors")
+                    shapes = check_header(header, operation, self.caps, self.config, has_residuals)
+                    head_dim = shapes.head_dim if shapes else self.residuals.head_dim(header.residual_handle)
+                    params = attention_params(header, head_dim, self.caps, operation)
+                    if admitted is not None:
+                        self._admit_bytes(header, admitted)
+                    asm.set_header(header)
+                elif kind == "chunk":
+                    pieces = asm.place(len(frame.chunk))  # claims the chunk's bytes (and checks the count) here
+                    if len(frame.chunk) < OFFLOAD_BYTES:
+                        copy_pieces(pieces, frame.chunk)
+                        continue
+                    # the loop goes on receiving while this chunk is copied
+                    copies.append(loop.run_in_executor(self.copier, copy_pieces, pieces, frame.chunk))
+                    if len(copies) > COPIES_AHEAD:
+                        await copies.popleft()
+                elif kind == "header":
+                    raise WireError("a second header arrived in one stream", "header")
+                else:
+                    raise WireError("an empty frame arrived", "frame")
+        finally:
+            if copies:  # never return while a copy still writes into this call's buffers
+                await asyncio.gather(*copies, return_exceptions=True)
+        for fut in copies:
+            fut.result()
         if t_first is None:
             raise WireError("the request stream ended before any header arrived", "header")
         tensors = asm.finish()
-        if self.shm is not None:
-            if any(d.HasField("shm") for d in asm.header.tensors):  # a copy: off the event loop
-                loop = asyncio.get_running_loop()
-                tensors.update(await loop.run_in_executor(None, self.shm.read_inputs, asm.header))
-        elif any(d.HasField("shm") for d in asm.header.tensors):
+        deferred = None
+        shm_descs = [d for d in asm.header.tensors if d.HasField("shm")]
+        if shm_descs and self.shm is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                "shm: this server does not accept shared-memory tensors (start it with --allow-shm)")
+        if shm_descs:
+            allocate = lease.allocate if lease is not None else None  # pooled (warm) buffers on CPU
+            # Small tensors (cu_seqlens, ...) are read here: validation needs their values. Large ones are
+            # checked here and read by the compute worker right before the launch (no executor hop of ours).
+            large = {d.name for d in shm_descs if d.nbytes > INLINE_SHM_BYTES}
+            if large and asm.header.residual_handle:  # dout is checked against the kept residuals at once
+                large = set()
+            tensors.update(self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - large))
+            if large:
+                self.shm.read_inputs(asm.header, names=large, check_only=True)
+                deferred = (self.shm.read_inputs, asm.header, allocate, large)
         metrics.BYTES_IN.inc(asm.received_bytes)
         if shapes is not None:
             params = check_contents(tensors, shapes, params)
-        return asm.header, tensors, shapes, params, time.perf_counter() - t_first
+        return asm.header, tensors, shapes, params, time.perf_counter() - t_first, deferred
+
+    def _write_outputs(self, job: Job, request: pb.Header, outputs: Dict[str, torch.Tensor]) -> None:
+        job.output_descs = self.shm.write_outputs(request, outputs)
 
     def _attach_residuals(self, job: Job, handle: str) -> None:
         kept = self.residuals.take(handle)  # raises FAILED_PRECONDITION when evicted
@@ -229,13 +279,28 @@ class AttentionService(pb_grpc.AttentionServicer):
             metrics.STAGE.labels(stage[:-2]).observe(t.get(stage, 0))
         names = list(outputs)
         if request.output_region and self.shm is not None:
-            descs = await asyncio.get_running_loop().run_in_executor(None, self.shm.write_outputs, request, outputs)
+            descs = job.output_descs  # written by the compute worker (Job.finish)
+            if descs is None:
+                descs = await asyncio.get_running_loop().run_in_executor(self.copier, self.shm.write_outputs,
+                                                                         request, outputs)
             reply.tensors.extend(descs)
             yield pb.Frame(header=reply)
             return
         reply.tensors.extend(describe(n, outputs[n]) for n in names)
         chunk = request.chunk_bytes or self.config.chunk_bytes
         chunk = min(chunk, self.config.max_message_bytes - 1024)
-        for frame in iter_encoded(reply, [outputs[n] for n in names], chunk):  # pre-encoded Frame bytes
-            yield frame
+        tensors = [outputs[n] for n in names]
+        frames = iter_encoded(reply, tensors, chunk)  # pre-encoded Frame bytes
+        if chunk_count(tensors, chunk) < 2:
+            for frame in frames:
+                yield frame
+        else:  # encode the next chunk on a helper thread while this one is sent
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(self.copier, next, frames, None)
+            while True:
+                frame = await pending
+                if frame is None:
+                    break
+                pending = loop.run_in_executor(self.copier, next, frames, None)
+                yield frame
         metrics.BYTES_OUT.inc(sum(d.nbytes for d in reply.tensors))

@@ -1,26 +1,38 @@
 """Same-host shared-memory transport, server side (enabled by --allow-shm).
 
-A client on this host puts its tensors in a POSIX shared-memory region it created (/dev/shm/NAME)
-and sends only `ShmSlice{region, offset}` per tensor; it may also name a region (output_region,
-output_offset) for the outputs. The server never maps a client's region: it reads with pread into
-its own buffer (pinned staging on CUDA) and writes outputs with pwrite, so each byte is copied once
-each way, nothing outside [offset, offset + nbytes) of a region is touched, and a client that
-shrinks, unlinks or rewrites its region mid-call can make only that call fail (a mapping would turn a
-shrunken file into SIGBUS for the whole server).
+A client on this host puts its tensors in a shared-memory region it created and sends only
+`ShmSlice{region, offset}` per tensor; it may also name a region (output_region, output_offset) for the
+outputs. Each byte is copied once each way (into the server's own buffer, pinned staging on CUDA, and
+from the results into the region), and nothing outside [offset, offset + nbytes) of a region is touched.
 
-Checks, each an INVALID_ARGUMENT naming the tensor: region names must start with `flashserve_`
-(the client library's prefix), contain no path separator and name an existing regular file in
-/dev/shm; offsets must be non-negative, aligned to the element size, and the slice must lie inside
-the region's current size."""
+Two kinds of region (see the client's flashserve/shm.py):
+  * `flashserve_fd_<pid>_<fd>_<token>`: a memfd of the client, opened as /proc/<pid>/fd/<fd> after
+    checking that this descriptor is the flashserve memfd of that token and that it is sealed against
+    shrinking (F_SEAL_SHRINK). Such a file can never become shorter than what was mapped, so the server
+    maps it (mappings are cached across calls: the client reuses its regions) and copies with memcpy
+    speed; a client can never turn a mapping into SIGBUS for the whole server.
+  * `flashserve_<anything>`: a file in /dev/shm. Its size can change at any time, so it is never mapped:
+    the server reads with pread and writes with pwrite, and a client that shrinks, unlinks or rewrites
+    it mid-call can make only that call fail.
+
+Checks, each an INVALID_ARGUMENT naming the tensor: region names must start with `flashserve_`, contain
+no path separator and name an existing regular file in /dev/shm (or a sealed flashserve memfd); offsets
+must be non-negative, aligned to the element size, and the slice must lie inside the region's size."""
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import errno
+import fcntl
+import mmap
 import os
 import re
 import stat
-from typing import Callable, Dict, List, Optional
+import threading
+from typing import Callable, Dict, List, Optional, Set
 
 import grpc
+import numpy as np
 import torch
 
 from flashserve.proto import attention_pb2 as pb
@@ -32,6 +44,8 @@ from .validation import RequestError
 SHM_DIR = "/dev/shm"
 PREFIX = "flashserve_"
 _NAME = re.compile(r"^/?flashserve_[A-Za-z0-9_.-]{1,200}$")
+_MEMFD_NAME = re.compile(r"^flashserve_fd_([0-9]{1,10})_([0-9]{1,10})_([A-Za-z0-9]{1,64})$")
+MAX_MAPPED = 256  # memfd regions kept mapped across calls
 ALIGN = 64  # output slices start on 64-byte boundaries
 
 
@@ -47,7 +61,8 @@ def region_path(name: str, field: str) -> str:
 
 
 class _Region:
-    """An open region file; its size is re-read on every access (the client may resize it)."""
+    """A /dev/shm region file, read with pread and written with pwrite; its size is re-read on every access
+    (the client may resize it)."""
 
     def __init__(self, name: str, field: str, writable: bool):
         path = region_path(name, field)
@@ -111,6 +126,88 @@ class _Region:
         os.close(self.fd)
 
 
+# Copies into and out of mapped regions are split over a few threads (numpy releases the GIL). They use
+# numpy rather than torch: a torch copy on a helper thread starts one more OpenMP team, and libgomp slows
+# every team's wake-ups (the compute's too) once its threads outnumber the cores.
+COPY_SPLIT_BYTES = 16 << 20
+_copy_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                                                   thread_name_prefix="flashserve-shm-copy")
+
+
+def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
+    n = len(src)
+    parts = min(_copy_pool._max_workers + 1, n // COPY_SPLIT_BYTES)
+    if parts < 2:
+        np.copyto(dst, src)
+        return
+    step = -(-n // parts)
+    futures = [_copy_pool.submit(np.copyto, dst[a:a + step], src[a:a + step]) for a in range(step, n, step)]
+    np.copyto(dst[:step], src[:step])
+    for f in futures:
+        f.result()
+
+
+class _Mapped:
+    """A client's sealed memfd, mapped into the server (same interface as _Region)."""
+
+    def __init__(self, name: str, field: str):
+        m = _MEMFD_NAME.match(name)
+        pid, fd, token = m.groups()
+        self.name = name
+        self.path = f"/proc/{int(pid)}/fd/{int(fd)}"
+        try:
+            link = os.readlink(self.path)
+        except OSError:
+            raise _invalid(f"{field}: unknown shared-memory region {name!r} (cannot open {self.path}: is the "
+                           "client on this host, in this PID namespace, and the same user?)") from None
+        if link != f"/memfd:{PREFIX}{token} (deleted)":
+            raise _invalid(f"{field}: unknown shared-memory region {name!r} ({self.path} is not that "
+                           "flashserve region)")
+        try:
+            fd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise _invalid(f"{field}: unknown shared-memory region {name!r} (cannot open {self.path}: "
+                           f"{errno.errorcode.get(exc.errno, exc.errno)})") from None
+        try:
+            st = os.fstat(fd)
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if not stat.S_ISREG(st.st_mode) or not seals & fcntl.F_SEAL_SHRINK:
+                raise _invalid(f"{field}: region {name!r} is not a memfd sealed against shrinking")
+            self._size = st.st_size
+            self._ident = (st.st_dev, st.st_ino)
+            self._mmap = mmap.mmap(fd, self._size) if self._size else None
+        finally:
+            os.close(fd)
+        self._array = np.frombuffer(self._mmap, dtype=np.uint8) if self._mmap else np.empty(0, np.uint8)
+
+    def alive(self) -> bool:
+        """Whether the client's descriptor still is this region (closed or reused numbers are not)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
+    def size(self) -> int:
+        return self._size
+
+    check = _Region.check
+
+    def read_into(self, dst: torch.Tensor, offset: int, field: str) -> None:
+        n = dst.numel()
+        if n:
+            copy_bytes(dst.view(-1).numpy(), self._array[offset:offset + n])
+
+    def write_from(self, src: torch.Tensor, offset: int, field: str) -> None:
+        t = src.detach().contiguous().reshape(-1)
+        if t.numel():
+            nbytes = t.numel() * t.element_size()
+            copy_bytes(self._array[offset:offset + nbytes], t.view(torch.uint8).numpy())
+
+    def close(self) -> None:
+        pass  # stays mapped in the cache; unmapped when evicted and no copy uses it
+
+
 class ShmTransport:
     """The service's `shm` hook: read_inputs(header) and write_outputs(request, outputs)."""
 
@@ -118,10 +215,40 @@ class ShmTransport:
         self.allocate = allocate or (lambda n: torch.empty(n, dtype=torch.uint8))
         self.bytes_read = 0
         self.bytes_written = 0
+        self._mapped: "collections.OrderedDict[str, _Mapped]" = collections.OrderedDict()
+        self._lock = threading.Lock()
 
-    def read_inputs(self, header: pb.Header) -> Dict[str, torch.Tensor]:
-        """The shared-memory tensors of a request, copied once into server buffers."""
-        descs = [d for d in header.tensors if d.HasField("shm")]
+    def _open(self, name: str, field: str, writable: bool):
+        if not _MEMFD_NAME.match(name or ""):
+            return _Region(name, field, writable)
+        with self._lock:
+            region = self._mapped.get(name)
+        if region is not None and region.alive():
+            with self._lock:
+                if name in self._mapped:
+                    self._mapped.move_to_end(name)
+            return region
+        region = _Mapped(name, field)
+        with self._lock:
+            self._mapped[name] = region
+            dead = [n for n, r in self._mapped.items() if n != name and not r.alive()]
+            for n in dead:  # regions their clients closed (or exited): unmapped once no copy uses them
+                del self._mapped[n]
+            while len(self._mapped) > MAX_MAPPED:
+                self._mapped.popitem(last=False)
+        return region
+
+    def mapped_regions(self) -> int:
+        with self._lock:
+            return len(self._mapped)
+
+    def read_inputs(self, header: pb.Header, allocate: Optional[Callable[[int], torch.Tensor]] = None,
+                    names: Optional[Set[str]] = None, check_only: bool = False) -> Dict[str, torch.Tensor]:
+        """The shared-memory tensors of a request (those in `names`, default all), copied once into server
+        buffers (from `allocate`, default the transport's). check_only: check names, offsets and sizes, copy
+        nothing (the copy then checks again: a region may change in between)."""
+        allocate = allocate or self.allocate
+        descs = [d for d in header.tensors if d.HasField("shm") and (names is None or d.name in names)]
         regions: Dict[str, _Region] = {}
         out: Dict[str, torch.Tensor] = {}
         try:
@@ -129,16 +256,19 @@ class ShmTransport:
                 field = f"{d.name}.shm"
                 r = regions.get(d.shm.region)
                 if r is None:
-                    r = regions[d.shm.region] = _Region(d.shm.region, field, writable=False)
+                    r = regions[d.shm.region] = self._open(d.shm.region, field, writable=False)
                 itemsize = ITEMSIZE[d.dtype]
                 r.check(d.shm.offset, d.nbytes, itemsize, field)
+            if check_only:
+                return out
             for d in descs:
-                buf = self.allocate(d.nbytes)
+                buf = allocate(d.nbytes)
                 regions[d.shm.region].read_into(buf, d.shm.offset, f"{d.name}.shm")
                 dtype = PROTO_TO_TORCH[d.dtype]
                 out[d.name] = buf.view(dtype).view(tuple(d.shape)) if d.nbytes else torch.empty(
                     tuple(d.shape), dtype=dtype)
-                self.bytes_read += d.nbytes
+                with self._lock:
+                    self.bytes_read += d.nbytes
                 metrics.SHM_BYTES.labels("in").inc(d.nbytes)
         finally:
             for r in regions.values():
@@ -148,7 +278,7 @@ class ShmTransport:
     def write_outputs(self, request: pb.Header, outputs: Dict[str, torch.Tensor]) -> List[pb.TensorDesc]:
         """Write outputs into the request's output region from output_offset on (each slice 64-byte
         aligned); returns their descriptors. Raises INVALID_ARGUMENT when they do not fit."""
-        region = _Region(request.output_region, "output_region", writable=True)
+        region = self._open(request.output_region, "output_region", writable=True)
         try:
             offset = request.output_offset
             if offset < 0 or offset % ALIGN:
@@ -167,7 +297,8 @@ class ShmTransport:
                 d = describe(name, t)
                 d.shm.region, d.shm.offset = request.output_region, at
                 descs.append(d)
-                self.bytes_written += d.nbytes
+                with self._lock:
+                    self.bytes_written += d.nbytes
                 metrics.SHM_BYTES.labels("out").inc(d.nbytes)
             return descs
         finally:

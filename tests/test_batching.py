@@ -287,3 +287,35 @@ def test_no_delay_when_no_one_else_is_sending():
         return time.monotonic() - t0
 
     assert asyncio.run(main()) < 1.0 and job.timings["queue_s"] < 0.5
+
+
+def test_prepare_and_finish_run_on_the_worker_and_a_failing_one_fails_alone():
+    """Job.prepare / Job.finish (shared-memory reads and writes) run around the launch on the compute
+    worker; the member whose prepare or finish raises fails alone, the others share one launch."""
+    gen = torch.Generator().manual_seed(5)
+    jobs = [make_job(gen, [16 + i]) for i in range(4)]
+    want = [execute(BACKEND, clone(j)) for j in jobs]
+    main = threading.get_ident()
+    seen = []
+    for i, j in enumerate(jobs):
+        held = j.tensors.pop("q")
+
+        def prepare(j=j, held=held, i=i):
+            seen.append(threading.get_ident())
+            if i == 1:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "q.shm: region gone")
+            j.tensors["q"] = held
+
+        def finish(outputs, i=i):
+            seen.append(threading.get_ident())
+            if i == 2:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "output_region: region gone")
+
+        j.prepare, j.finish = prepare, finish
+    results, stats = run_concurrently(dict(workers=1, batch_tokens=1 << 20, batch_delay_us=200_000), jobs)
+    assert isinstance(results[1], RequestError) and "q.shm" in results[1].message
+    assert isinstance(results[2], RequestError) and "output_region" in results[2].message
+    for i in (0, 3):
+        assert torch.allclose(results[i]["out"], want[i]["out"], atol=1e-6)
+    assert stats["launches"] == 1 and stats["requests"] == 3
+    assert main not in seen and len(seen) == 4 + 3

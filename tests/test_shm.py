@@ -50,11 +50,12 @@ def reference(q, k, v, causal):
     return out, (q2, k2, v2)
 
 
-@pytest.mark.parametrize("via", ["tcp", "unix"])
-def test_forward_backward_over_shm(shm_server, via):
+@pytest.mark.parametrize("via,kind", [("tcp", "memfd"), ("unix", "memfd"), ("tcp", "file")])
+def test_forward_backward_over_shm(shm_server, via, kind):
     target = shm_server.target if via == "tcp" else f"unix:{shm_server.config.unix_socket}"
     with flashserve.Client(target, timeout=60) as c:
         assert c.uses_shm()  # auto: allowed, loopback / unix, same host
+        c._regions = client_shm.RegionPool(memfd=kind == "memfd")
         read0 = shm_server.service.shm.bytes_read
         g = torch.Generator().manual_seed(0)
         for n in (33, 200):  # two sizes: the region is reused, then grown
@@ -71,8 +72,46 @@ def test_forward_backward_over_shm(shm_server, via):
         assert c.shm_bytes_sent > 0 and c.shm_bytes_received > 0
         assert shm_server.service.shm.bytes_read - read0 == c.shm_bytes_sent
         names = c._regions.names()
-        assert all(os.path.exists(os.path.join("/dev/shm", n)) for n in names)
-    assert not any(os.path.exists(os.path.join("/dev/shm", n)) for n in names)  # unlinked on close
+        paths = [r.path for r in c._regions.regions()]
+        assert all(n.startswith("flashserve_fd_" if kind == "memfd" else "flashserve_") for n in names)
+        assert all(os.path.exists(p) for p in paths)
+        if kind == "file":
+            assert all(p == os.path.join("/dev/shm", n) for p, n in zip(paths, names))
+    assert not any(os.path.exists(p) for p in paths)  # unlinked (file) or closed (memfd) on close
+
+
+def test_memfd_region_is_sealed_mapped_once_and_forgotten_when_closed(shm_server):
+    with flashserve.Client(shm_server.target, timeout=60) as c:
+        c._regions = client_shm.RegionPool(memfd=True)
+        q = torch.randn(1, 64, 2, 16)
+        for _ in range(3):
+            flashserve.flash_attn_func(q, q, q, client=c)
+        (region,) = c._regions._all  # the input region; outputs have their own
+        with pytest.raises(OSError):  # the kernel refuses: the server's mapping can never lose pages
+            os.ftruncate(region._fd, 64)
+        mapped = shm_server.service.shm._mapped
+        assert region.name in mapped and mapped[region.name].alive()
+        entry = mapped[region.name]
+    assert not entry.alive()  # closed with the client: dropped at the server's next new mapping
+    with flashserve.Client(shm_server.target, timeout=60) as c:
+        flashserve.flash_attn_func(q, q, q, client=c)
+        assert region.name not in shm_server.service.shm._mapped
+
+
+def test_client_falls_back_to_files_when_server_cannot_open_memfds(shm_server, monkeypatch):
+    from flashserve.server import shm as server_shm
+
+    def refuse(self, name, field):
+        raise server_shm._invalid(f"{field}: unknown shared-memory region {name!r} (test)")
+
+    monkeypatch.setattr(server_shm._Mapped, "__init__", refuse)
+    with flashserve.Client(shm_server.target, timeout=60) as c:
+        c._regions = client_shm.RegionPool(memfd=True)
+        q = torch.randn(1, 16, 2, 16)
+        out = flashserve.flash_attn_func(q, q, q, client=c)
+        assert rel_err(out, reference(q, q, q, False)[0]) < 1e-5
+        assert c.uses_shm() and not c._regions.memfd and c.bytes_sent == 0
+        assert all(not r.memfd for r in c._regions._all)
 
 
 def test_backward_without_residuals_over_shm(shm_server):
@@ -138,9 +177,9 @@ def still_serving(target):
         assert rel_err(out, ref) < 1e-5
 
 
-@pytest.fixture()
-def region():
-    r = client_shm.Region(1 << 20)
+@pytest.fixture(params=["memfd", "file"])
+def region(request):
+    r = client_shm.Region(1 << 20, memfd=request.param == "memfd")
     assert r.size == 1 << 20
     yield r
     r.close()
@@ -214,17 +253,19 @@ def test_shm_refused_when_not_allowed(region):
         still_serving(plain.target)
 
 
-@pytest.mark.parametrize("how", ["unlinked", "shrunk"])
+@pytest.mark.parametrize("how", ["unlinked", "shrunk", "memfd closed"])
 def test_region_vanishing_mid_call_fails_that_call_alone(shm_server, how):
-    region = client_shm.Region(1 << 16)
+    region = client_shm.Region(1 << 16, memfd=how == "memfd closed")
     try:
         header = shm_request(region)
 
         def vanish():
             if how == "unlinked":
                 os.unlink(region.path)
-            else:
+            elif how == "shrunk":
                 os.truncate(region.path, 64)
+            else:
+                region.close()
 
         BACKEND.hook = vanish
         try:
@@ -244,7 +285,8 @@ def test_region_vanishing_mid_call_fails_that_call_alone(shm_server, how):
         assert c.uses_shm() and c.bytes_sent == 0
 
 
-def test_region_shrinking_during_read_is_caught(region):
+def test_region_shrinking_during_read_is_caught():
+    region = client_shm.Region(1 << 20, memfd=False)
     r = _Region(region.name, "q.shm", writable=False)
     try:
         r.check(4096, 4096, 4, "q.shm")
@@ -254,3 +296,54 @@ def test_region_shrinking_during_read_is_caught(region):
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         r.close()
+        region.close()
+
+
+def test_memfd_names_checked_before_mapping(shm_server, tmp_path):
+    """A flashserve_fd_ name must point at that token's flashserve memfd, sealed against shrinking."""
+    import fcntl
+
+    plain = open(tmp_path / "plain", "wb+")
+    plain.truncate(1 << 20)
+    unsealed = os.memfd_create("flashserve_0123456789ab", os.MFD_CLOEXEC)
+    os.ftruncate(unsealed, 1 << 20)
+    good = client_shm.Region(1 << 20, memfd=True)
+    pid = os.getpid()
+    try:
+        cases = {
+            "not a memfd": f"flashserve_fd_{pid}_{plain.fileno()}_0123456789ab",
+            "other token": good.name.rsplit("_", 1)[0] + "_ffffffffffff",
+            "unsealed memfd": f"flashserve_fd_{pid}_{unsealed}_0123456789ab",
+            "no such process": "flashserve_fd_999999999_3_0123456789ab",
+        }
+        for case, name in cases.items():
+            header = shm_request(good)
+            header.tensors[0].shm.region = name
+            with pytest.raises(grpc.RpcError) as err:
+                call(shm_server.target, header)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+            assert name in err.value.details(), case
+        assert fcntl.fcntl(unsealed, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK == 0
+        reply, _ = call(shm_server.target, shm_request(good))  # and the good region works
+        assert {d.name for d in reply.tensors} == {"out", "softmax_lse"}
+    finally:
+        plain.close()
+        os.close(unsealed)
+        good.close()
+    still_serving(shm_server.target)
+
+
+def test_results_are_views_of_an_output_region_lent_again_only_once_dropped(shm_server):
+    with flashserve.Client(shm_server.target, timeout=60) as c:
+        c._regions = client_shm.RegionPool(memfd=True)
+        g = torch.Generator().manual_seed(3)
+        q1, q2 = torch.randn(1, 64, 2, 16, generator=g), torch.randn(1, 64, 2, 16, generator=g)
+        out1 = flashserve.flash_attn_func(q1, q1, q1, client=c)
+        out2 = flashserve.flash_attn_func(q2, q2, q2, client=c)  # out1 is held: its region is not lent again
+        assert len(c._regions._outputs) == 2
+        assert rel_err(out1, reference(q1, q1, q1, False)[0]) < 1e-5  # not overwritten by the second call
+        assert rel_err(out2, reference(q2, q2, q2, False)[0]) < 1e-5
+        del out1, out2
+        out3 = flashserve.flash_attn_func(q1, q1, q1, client=c)
+        assert len(c._regions._outputs) == 2 and rel_err(out3, reference(q1, q1, q1, False)[0]) < 1e-5
+        assert c.bytes_received == 0
