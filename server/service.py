@@ -26,6 +26,7 @@ from .pool import BufferPool
 from .backends.base import Backend
 from .config import ServerConfig
 from .scheduler import Job, Scheduler
+from .shm import is_memfd_name
 from .validation import RequestError, attention_params, check_contents, check_header
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,13 @@ class AttentionService(pb_grpc.AttentionServicer):
             large = {d.name for d in shm_descs if d.nbytes > INLINE_SHM_BYTES}
             if large and asm.header.residual_handle:  # dout is checked against the kept residuals at once
                 large = set()
-            tensors.update(self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - large))
+            # A CPU backend reads a sealed memfd's tensors in place (no copy): the client holds that region for
+            # the whole call and it cannot shrink. Not when they are kept as residuals past the call.
+            borrow = (lease is not None and not (asm.header.keep_residuals and self.residuals is not None))
+            if borrow:
+                large = {n for n in large if not is_memfd_name(next(d.shm.region for d in shm_descs if d.name == n))}
+            tensors.update(self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - large,
+                                                borrow=borrow))
             if large:
                 self.shm.read_inputs(asm.header, names=large, check_only=True)
                 deferred = (self.shm.read_inputs, asm.header, allocate, large)

@@ -53,6 +53,10 @@ def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+def is_memfd_name(name: str) -> bool:
+    return bool(_MEMFD_NAME.match(name or ""))
+
+
 def region_path(name: str, field: str) -> str:
     if not _NAME.match(name or "") or ".." in name:
         raise _invalid(f"{field}: shared-memory region name {name[:80]!r} is not a flashserve region "
@@ -198,6 +202,10 @@ class _Mapped:
         if n:
             copy_bytes(dst.view(-1).numpy(), self._array[offset:offset + n])
 
+    def borrow(self, offset: int, nbytes: int) -> torch.Tensor:
+        """The bytes [offset, offset + nbytes) as a uint8 tensor on the mapping itself (no copy)."""
+        return torch.from_numpy(self._array[offset:offset + nbytes])
+
     def write_from(self, src: torch.Tensor, offset: int, field: str) -> None:
         t = src.detach().contiguous().reshape(-1)
         if t.numel():
@@ -243,10 +251,13 @@ class ShmTransport:
             return len(self._mapped)
 
     def read_inputs(self, header: pb.Header, allocate: Optional[Callable[[int], torch.Tensor]] = None,
-                    names: Optional[Set[str]] = None, check_only: bool = False) -> Dict[str, torch.Tensor]:
+                    names: Optional[Set[str]] = None, check_only: bool = False,
+                    borrow: bool = False) -> Dict[str, torch.Tensor]:
         """The shared-memory tensors of a request (those in `names`, default all), copied once into server
         buffers (from `allocate`, default the transport's). check_only: check names, offsets and sizes, copy
-        nothing (the copy then checks again: a region may change in between)."""
+        nothing (the copy then checks again: a region may change in between). borrow: tensors in sealed memfd
+        regions are returned as views of the client's memory, not copied (for a CPU backend that only reads
+        them during the call; never for anything kept past it)."""
         allocate = allocate or self.allocate
         descs = [d for d in header.tensors if d.HasField("shm") and (names is None or d.name in names)]
         regions: Dict[str, _Region] = {}
@@ -262,8 +273,12 @@ class ShmTransport:
             if check_only:
                 return out
             for d in descs:
-                buf = allocate(d.nbytes)
-                regions[d.shm.region].read_into(buf, d.shm.offset, f"{d.name}.shm")
+                region = regions[d.shm.region]
+                if borrow and isinstance(region, _Mapped) and d.nbytes:
+                    buf = region.borrow(d.shm.offset, d.nbytes)
+                else:
+                    buf = allocate(d.nbytes)
+                    region.read_into(buf, d.shm.offset, f"{d.name}.shm")
                 dtype = PROTO_TO_TORCH[d.dtype]
                 out[d.name] = buf.view(dtype).view(tuple(d.shape)) if d.nbytes else torch.empty(
                     tuple(d.shape), dtype=dtype)

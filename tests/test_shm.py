@@ -347,3 +347,17 @@ def test_results_are_views_of_an_output_region_lent_again_only_once_dropped(shm_
         out3 = flashserve.flash_attn_func(q1, q1, q1, client=c)
         assert len(c._regions._outputs) == 2 and rel_err(out3, reference(q1, q1, q1, False)[0]) < 1e-5
         assert c.bytes_received == 0
+
+
+def test_cpu_server_reads_large_inputs_of_sealed_regions_in_place(shm_server):
+    pool = shm_server.service.pool
+    with flashserve.Client(shm_server.target, timeout=60) as c:
+        c._regions = client_shm.RegionPool(memfd=True)
+        q = torch.randn(1, 4096, 2, 64)  # 2 MiB per tensor: past the inline size, pooled when copied
+        before = (pool.hits, pool.misses)
+        out = flashserve.flash_attn_func(q, q, q, client=c)
+        assert (pool.hits, pool.misses) == before  # no server buffer: the inputs were read where they lie
+        assert rel_err(out, reference(q, q, q, False)[0]) < 1e-5
+        c._regions = client_shm.RegionPool(memfd=False)  # a /dev/shm file is never mapped: copied
+        out = flashserve.flash_attn_func(q, q, q, client=c)
+        assert (pool.hits, pool.misses) != before and rel_err(out, reference(q, q, q, False)[0]) < 1e-5
