@@ -133,6 +133,17 @@ def raw_round_trip(channel, up: int, down: int, chunks) -> float:
     return dt
 
 
+def interleaved_medians(calls, repeats: int):
+    """Median time of each call, the calls taken in turn (after one warm-up each)."""
+    for fn in calls.values():
+        fn()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            times[name].append(fn())
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     return statistics.median(fn() for _ in range(repeats))
@@ -164,7 +175,7 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
         for mb in sizes_mb:
             q, k, v, cu_q, cu_k = forward_inputs(mb * MB, dtype)
             params = make_params(None, False, (-1, -1), 0.0, 0.0, 0, 0, False, q.shape[0], 16, False)
-            reps = repeats if mb < 64 else max(2, repeats // 2)
+            reps = repeats if mb < 64 else max(3, repeats // 2)
             stats = {}
 
             def fs_call(client, stats=stats):
@@ -176,8 +187,12 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
 
             up = sum(t.numel() * t.element_size() for t in (q, k, v, cu_q, cu_k))
             down = q.numel() * q.element_size() + q.shape[0] * 4
-            t_fs = median_time(lambda: fs_call(cb), reps)
-            t_raw = median_time(lambda: raw_round_trip(raw, up, down, payload_chunks), reps)
+            # interleaved (raw, gRPC path, shm, raw, ...): drifts of a noisy machine hit all of them alike
+            calls = {"raw": lambda: raw_round_trip(raw, up, down, payload_chunks), "fs": lambda: fs_call(cb)}
+            if mb >= shm_from_mb:
+                calls["shm"] = lambda: fs_call(cs)
+            times = interleaved_medians(calls, reps)
+            t_fs, t_raw = times["fs"], times["raw"]
             timings = [t for _, t in stats[id(cb)][1:]]
             row = {"payload_mb": mb, "up_bytes": up, "down_bytes": down,
                    "flashserve_s": t_fs, "flashserve_mb_s": (up + down) / t_fs / MB,
@@ -187,7 +202,7 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
                    "server_receive_s": statistics.median(t.receive_s for t in timings)}
             row["ratio_excl_compute"] = t_raw / max(1e-9, t_fs - row["server_compute_s"])
             if mb >= shm_from_mb:
-                t_shm = median_time(lambda: fs_call(cs), reps)
+                t_shm = times["shm"]
                 row.update(shm_s=t_shm, shm_mb_s=(up + down) / t_shm / MB, shm_vs_grpc=t_fs / t_shm,
                            shm_vs_grpc_excl_compute=(t_fs - row["server_compute_s"]) /
                            max(1e-9, t_shm - row["server_compute_s"]))
@@ -334,13 +349,13 @@ def to_markdown(r) -> str:
          "Payload = q (head dim 256, one head; fp32 on CPU, bf16 on CUDA) up plus out + lse down; k/v are 16 tokens, so compute is small "
          "and reported apart. MB/s = (bytes up + bytes down) / round-trip time, median of the repeats. "
          "Raw gRPC = a generic grpcio server (own process) reading the same number of bytes as 4 MB messages and "
-         "streaming as many back.", "",
+         "streaming as many back; raw, gRPC path and shm calls are taken in turn (medians per kind).", "",
          "| payload up | flashserve gRPC MB/s | raw gRPC MB/s | ratio | server compute ms | ratio excl. compute | "
-         "shm MB/s | shm / gRPC chunks |",
-         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+         "shm MB/s | shm / gRPC chunks | same, excl. compute |",
+         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in r["payload"]:
-        shm = (f"{row['shm_mb_s']:.0f} | {row['shm_vs_grpc']:.1f}x"
-               if "shm_s" in row else "- | -")
+        shm = (f"{row['shm_mb_s']:.0f} | {row['shm_vs_grpc']:.1f}x | {row['shm_vs_grpc_excl_compute']:.1f}x"
+               if "shm_s" in row else "- | - | -")
         L.append(f"| {row['payload_mb']} MB | {row['flashserve_mb_s']:.0f} | {row['raw_grpc_mb_s']:.0f} | "
                  f"{row['ratio']:.2f} | {row['server_compute_s'] * 1e3:.1f} | {row['ratio_excl_compute']:.2f} | {shm} |")
     if r.get("batching"):
@@ -402,7 +417,7 @@ def main(argv=None) -> int:
     import flashserve
 
     sizes = [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 128, 256]
-    repeats = 3 if args.quick else 5
+    repeats = 5 if args.quick else 7
     tmp = tempfile.mkdtemp(prefix="fsbench")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # the flash backend takes 16-bit
     extra = ["--max-concurrent", "256", "--device", args.device]
