@@ -1,5 +1,6 @@
 // Backward pass: preprocess (D = rowsum(dO * O), dQ accumulator zeroing), dispatch of the main kernel,
 // postprocess (dQ accumulator -> dq, GQA dK/dV reduction, zeroing of K rows past the last sequence).
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -133,10 +134,11 @@ int class_for(int d) {
 
 int block_keys_for(int cls) { return cls > 128 ? Traits<192, 1>::Bc : Traits<128, 1>::Bc; }
 
-// The sm_90a (wgmma) kernel covers head-dim classes 64 and 128 and every feature but dropout; it runs on
+// The sm_90a (wgmma) kernels cover head-dim classes 64, 128 and 256 and every feature but dropout; they run on
 // compute capability 9.0 unless FLASHSERVE_BWD_HOPPER=0 (read at each call: A/B timing in one process).
 bool hopper_eligible(const BwdParams& p, int dev) {
-  if (p.p_drop > 0.f || (p.head_dim_class != 64 && p.head_dim_class != 128)) return false;
+  const int c = p.head_dim_class;
+  if (p.p_drop > 0.f || (c != 64 && c != 128 && c != 256)) return false;
   const char* env = std::getenv("FLASHSERVE_BWD_HOPPER");
   if (env && std::strcmp(env, "0") == 0) return false;
   int major = 0, minor = 0;
@@ -165,6 +167,12 @@ cudaError_t run_hopper(const BwdParams& p, cudaStream_t stream, bool* used, bool
 #endif
 #if defined(FLASHSERVE_HD_128) && defined(FLASHSERVE_DT_FP16)
   if (p.head_dim_class == 128 && !bf16) return run_hopper_hd128_fp16(p, stream, used, probe);
+#endif
+#if defined(FLASHSERVE_HD_256) && defined(FLASHSERVE_DT_BF16)
+  if (p.head_dim_class == 256 && bf16) return run_hopper_hd256_bf16(p, stream, used, probe);
+#endif
+#if defined(FLASHSERVE_HD_256) && defined(FLASHSERVE_DT_FP16)
+  if (p.head_dim_class == 256 && !bf16) return run_hopper_hd256_fp16(p, stream, used, probe);
 #endif
   return cudaSuccess;
 }
@@ -227,8 +235,20 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   const int bc = block_keys_for(cls);
   const int nkb = (p.max_seqlen_k + bc - 1) / bc;
   p.num_splits = 1;
-  // Hopper kernel: one dq_accum; its deterministic mode orders additions with counters (run() sets dq_sem).
+  // Hopper kernels: deterministic mode orders the dQ additions with counters (run() sets dq_sem), and K/V block
+  // kb adds into dq_accum slice kb % num_splits: each ordered chain is num_splits times shorter. Measured
+  // (NOTES.md, H5): 2 slices help without a diagonal bound up to 64 K/V blocks (+5-9% at d64/d256), 4 slices
+  // and any slicing under causal masks cost more (up to -40%) than the shorter chains gain.
   p.dq_sem_stride = (p.max_seqlen_q + 63) / 64;
+  if (p.deterministic && p.hopper) {
+    const int hbc = cls == 256 ? 64 : 128;  // keys per Hopper block
+    const int hnkb = (p.max_seqlen_k + hbc - 1) / hbc;
+    int sp = (p.window_right < 0 && hnkb <= 64) ? 2 : 1;
+    if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) sp = std::max(1, std::atoi(env));  // A/B
+    const size_t slice_bytes = (size_t)p.total_q * p.h * p.d * sizeof(float);
+    while (sp > 1 && (size_t)sp * slice_bytes > ((size_t)1 << 30)) --sp;
+    p.num_splits = std::max(1, std::min(sp, hnkb));
+  }
   if (p.deterministic && nkb > 1 && !p.hopper) {
     // Block x of a head handles K/V blocks x, x + S, ... (S = num_splits) and owns dq_accum slice x. Choose S to
     // minimise (waves of S * b * h blocks, one resident per SM) x (K/V blocks per block), i.e. the critical path
@@ -248,7 +268,7 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   if (ws) {
     ws->dsum_floats = (size_t)p.h * p.total_q;
     ws->dq_accum_floats = (size_t)p.num_splits * p.total_q * p.h * p.d;
-    if (p.hopper && p.deterministic) ws->dq_accum_floats += (size_t)p.b * p.h * p.dq_sem_stride;
+    if (p.hopper && p.deterministic) ws->dq_accum_floats += (size_t)p.num_splits * p.b * p.h * p.dq_sem_stride;
     ws->dkv_accum_floats = p.h != p.h_k ? (size_t)p.total_k * p.h * p.d : 0;
   }
   return "";
@@ -271,8 +291,8 @@ std::string run(BwdParams& p, cudaStream_t stream) {
     if (p.hopper) {
       p.dq_sem = nullptr;
       if (p.deterministic) {
-        p.dq_sem = reinterpret_cast<int*>(p.dq_accum + (size_t)p.total_q * p.h * p.d);
-        e = cudaMemsetAsync(p.dq_sem, 0, (size_t)p.b * p.h * p.dq_sem_stride * sizeof(int), stream);
+        p.dq_sem = reinterpret_cast<int*>(p.dq_accum + (size_t)p.num_splits * p.total_q * p.h * p.d);
+        e = cudaMemsetAsync(p.dq_sem, 0, (size_t)p.num_splits * p.b * p.h * p.dq_sem_stride * sizeof(int), stream);
         if (e != cudaSuccess) return cuda_msg("dQ counter reset", e);
       }
       e = run_hopper(p, stream, &used, false);

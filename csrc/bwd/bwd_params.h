@@ -63,8 +63,8 @@ struct BwdParams {
   int head_dim_class;
   int num_splits;
   bool hopper;  // the sm_90a (wgmma) kernel runs this call
-  // Filled by run(): deterministic mode of the Hopper kernel, one counter per (sequence, head, 64 query rows),
-  // (b, h, dq_sem_stride) ints at the end of the dq_accum workspace (plan() counts them in).
+  // Filled by run(): deterministic mode of the Hopper kernels, one counter per (dQ slice, sequence, head, 64 query
+  // rows), (num_splits, b, h, dq_sem_stride) ints at the end of the dq_accum workspace (plan() counts them in).
   int* dq_sem;
   int dq_sem_stride;
 };

@@ -14,6 +14,8 @@ cudaError_t run_hopper_hd64_bf16(const BwdParams& p, cudaStream_t stream, bool* 
 cudaError_t run_hopper_hd64_fp16(const BwdParams& p, cudaStream_t stream, bool* used, bool probe);
 cudaError_t run_hopper_hd128_bf16(const BwdParams& p, cudaStream_t stream, bool* used, bool probe);
 cudaError_t run_hopper_hd128_fp16(const BwdParams& p, cudaStream_t stream, bool* used, bool probe);
+cudaError_t run_hopper_hd256_bf16(const BwdParams& p, cudaStream_t stream, bool* used, bool probe);
+cudaError_t run_hopper_hd256_fp16(const BwdParams& p, cudaStream_t stream, bool* used, bool probe);
 
 }  // namespace bwd
 }  // namespace flashserve

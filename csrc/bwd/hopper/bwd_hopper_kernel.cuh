@@ -129,8 +129,6 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
   // One K/V block per CTA in both modes. Deterministic mode orders the dQ additions with one counter per
   // (sequence, head, query block) instead of the mma.sync kernel's per-block slices (see NOTES.md).
   constexpr bool det = kDet;
-  int* sem = det ? p.dq_sem + ((int64_t)b * p.h + h) * p.dq_sem_stride : nullptr;
-  float* dq_acc = p.dq_accum + (int64_t)q_start * p.h * p.d + (int64_t)h * p.d;
   const int64_t dq_row = (int64_t)p.h * p.d;
 
   // Query blocks [lo, hi) that see any key of K/V block kbx.
@@ -152,6 +150,13 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
   // waits only for blocks of lower blockIdx.x (started before it: no deadlock).
   const bool rev = det && wr >= 0;
   const int kb = rev ? nkb - 1 - (int)blockIdx.x : (int)blockIdx.x;
+  // Deterministic: K/V block kb adds into dQ slice kb % num_splits (summed in order by the postprocess), so
+  // the chain of blocks that wait for each other at a query block is num_splits times shorter.
+  const int ns = det ? p.num_splits : 1;
+  const int slice = det && kb > 0 ? kb % ns : 0;
+  int* sem = det ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
+  float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
+                  (int64_t)h * p.d;
   if (kb >= 0 && kb < nkb) {
     const int j0 = kb * Bc;
     int m_begin, m_end;
@@ -357,7 +362,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
           } else {
             while ((m_range(first, lo, hi), m < lo || m >= hi)) ++first;
           }
-          const int target = rev ? first - kb : kb - first;
+          const int target = (rev ? first - kb : kb - first) / ns;  // earlier blocks of this slice
           while (ld_acquire(sem + m) != target) __nanosleep(32);
         }
         asm volatile("bar.sync 1, 256;\n" ::: "memory");

@@ -2,8 +2,10 @@
 // the mma.sync kernel (=0) against a float64 CPU reference on random inputs, through bwd::plan / bwd::run.
 // Not part of the extension (a .cpp: csrc/build_config.py globs only .cu). Build (see NOTES.md, "Hopper path"):
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr -DFLASHSERVE_HD_64
-//     -DFLASHSERVE_HD_128 -DFLASHSERVE_DT_BF16 -DFLASHSERVE_DT_FP16 -Icsrc csrc/bwd/hopper/check_bwd_hopper.cpp
-//     csrc/bwd/bwd_api.cu csrc/bwd/inst/bwd_hd{64,128}_*.cu csrc/bwd/hopper/bwd_hopper_hd*.cu -o check_bwd_hopper
+//     -DFLASHSERVE_HD_128 -DFLASHSERVE_HD_256 -DFLASHSERVE_DT_BF16 -DFLASHSERVE_DT_FP16 -Icsrc
+//     csrc/bwd/hopper/check_bwd_hopper.cpp csrc/bwd/bwd_api.cu csrc/bwd/inst/bwd_hd{64,128,256}_*.cu
+//     csrc/bwd/hopper/bwd_hopper_hd*.cu -o check_bwd_hopper
+// FLASHSERVE_BWD_DET_SPLITS=n (read by plan()) forces the Hopper deterministic mode's dQ slice count.
 // Usage: check_bwd_hopper check [max_cases] | bench [row]
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -329,7 +331,7 @@ static int check_all(int sms, size_t max_cases) {
   std::vector<Case> cs;
   const std::vector<int> var = {1, 17, 128, 1000, 0};
   for (bool bf : {true, false}) {
-    for (int d : {64, 128}) {
+    for (int d : {64, 128, 256}) {
       const std::string dt = bf ? "bf16" : "fp16", ds = std::to_string(d);
       cs.push_back({"d" + ds + " " + dt + " 256 dense", {256}, {256}, 2, 2, d, bf, false});
       cs.push_back({"d" + ds + " " + dt + " varlen causal gqa4/2", var, var, 4, 2, d, bf, true});
@@ -341,6 +343,10 @@ static int check_all(int sms, size_t max_cases) {
   cs.push_back({"d64 fp16 alibi causal", {333, 200}, {333, 260}, 2, 1, 64, false, true, -1, -1, 0.f, true});
   cs.push_back({"d104 bf16 causal (class 128)", {300}, {300}, 2, 2, 104, true, true});
   cs.push_back({"d40 fp16 dense (class 64)", {200}, {150}, 2, 2, 40, false, false});
+  cs.push_back({"d256 fp16 window(64,32)+softcap", {500}, {500}, 2, 2, 256, false, false, 64, 32, 30.f});
+  cs.push_back({"d256 bf16 alibi causal", {333, 200}, {333, 260}, 2, 1, 256, true, true, -1, -1, 0.f, true});
+  cs.push_back({"d200 bf16 causal (class 256)", {300}, {300}, 2, 2, 200, true, true});
+  cs.push_back({"d256 bf16 1100 dense", {1100}, {1100}, 1, 1, 256, true, false});
   Case c1 = {"d128 bf16 det varlen causal gqa", var, var, 4, 2, 128, true, true};
   c1.det = true;
   cs.push_back(c1);
@@ -356,6 +362,24 @@ static int check_all(int sms, size_t max_cases) {
   Case c5 = {"d128 bf16 det window(100,0) 700", {700}, {700}, 2, 2, 128, true, false, 100, 0};
   c5.det = true;
   cs.push_back(c5);
+  Case c6 = {"d256 bf16 det varlen causal gqa", var, var, 4, 2, 256, true, true};
+  c6.det = true;
+  cs.push_back(c6);
+  Case c7 = {"d256 fp16 det 1500 dense", {1500}, {1500}, 2, 2, 256, false, false};
+  c7.det = true;
+  cs.push_back(c7);
+  Case c8 = {"d256 bf16 det sq!=sk causal gqa", {100, 300, 5, 0}, {300, 250, 70, 9}, 4, 2, 256, true, true};
+  c8.det = true;
+  cs.push_back(c8);
+  Case c9 = {"d256 bf16 det window(100,0) 700", {700}, {700}, 2, 2, 256, true, false, 100, 0};
+  c9.det = true;
+  cs.push_back(c9);
+  if (const char* f = std::getenv("CHECK_FILTER")) {  // keep the cases whose name contains this
+    std::vector<Case> keep;
+    for (auto& c : cs)
+      if (c.name.find(f) != std::string::npos) keep.push_back(c);
+    cs.swap(keep);
+  }
   if (cs.size() > max_cases) cs.resize(max_cases);
   int fails = 0;
   for (auto& c : cs) fails += check_case(c, rng, sms);
@@ -367,13 +391,19 @@ static int check_all(int sms, size_t max_cases) {
 // Timing: 16k tokens per launch, heads = 2048 / d, bf16; LSE set to a plausible constant (speed only).
 static int bench_all(int sms, int only_row) {
   struct Row { int d, s; bool causal, bf16; };
-  const Row rows[] = {{64, 1024, false, true},  {64, 1024, true, true},   {64, 4096, false, true},
-                      {64, 4096, true, true},   {64, 8192, false, true},  {128, 1024, false, true},
-                      {128, 1024, true, true},  {128, 2048, true, true},  {128, 4096, false, true},
-                      {128, 8192, false, true}, {128, 8192, true, true},  {128, 4096, false, false}};
+  const Row rows[] = {{64, 1024, false, true},   {64, 1024, true, true},    {64, 4096, false, true},
+                      {64, 8192, false, true},   {64, 8192, true, true},    {128, 1024, false, true},
+                      {128, 1024, true, true},   {128, 4096, false, true},  {128, 8192, false, true},
+                      {128, 8192, true, true},   {256, 1024, false, true},  {256, 1024, true, true},
+                      {256, 2048, false, true},  {256, 2048, true, true},   {256, 4096, false, true},
+                      {256, 4096, true, true},   {256, 8192, false, true},  {256, 8192, true, true},
+                      {256, 4096, false, false}, {256, 4096, true, false}};
   // Modes: (FLASHSERVE_BWD_HOPPER, deterministic).
-  struct Mode { const char* name; const char* hop; bool det; };
-  const Mode modes[] = {{"old", "0", false}, {"new", "1", false}, {"old-det", "0", true}, {"new-det", "1", true}};
+  // Modes: (FLASHSERVE_BWD_HOPPER, deterministic, FLASHSERVE_BWD_DET_SPLITS or "" for plan()'s choice).
+  struct Mode { const char* name; const char* hop; bool det; const char* splits; };
+  const Mode modes[] = {{"old", "0", false, ""},   {"new", "1", false, ""},   {"old-det", "0", true, ""},
+                        {"new-det", "1", true, ""}, {"det-s1", "1", true, "1"}, {"det-s2", "1", true, "2"},
+                        {"det-s4", "1", true, "4"}};
   constexpr int kModes = sizeof(modes) / sizeof(modes[0]);
   std::printf("%-18s", "TFLOP/s");
   for (const Mode& m : modes) std::printf(" %10s", m.name);
@@ -414,6 +444,8 @@ static int bench_all(int sms, int only_row) {
     double tf[kModes];
     for (int mode = 0; mode < kModes; ++mode) {
       setenv("FLASHSERVE_BWD_HOPPER", modes[mode].hop, 1);
+      if (modes[mode].splits[0]) setenv("FLASHSERVE_BWD_DET_SPLITS", modes[mode].splits, 1);
+      else unsetenv("FLASHSERVE_BWD_DET_SPLITS");
       c.det = modes[mode].det;
       BwdParams ps[kSets];
       for (int sidx = 0; sidx < kSets; ++sidx) {
@@ -444,6 +476,7 @@ static int bench_all(int sms, int only_row) {
     std::printf("%-18s", nm);
     for (int mode = 0; mode < kModes; ++mode) std::printf(" %10.1f", tf[mode]);
     std::printf(" %8.2f %8.2f\n", tf[1] / tf[0], tf[3] / tf[1]);
+    unsetenv("FLASHSERVE_BWD_DET_SPLITS");
     std::fflush(stdout);
     for (auto& x : D) {
       for (void* y : {x.q, x.k, x.v, x.o, x.dout, x.dq, x.dk, x.dv}) CK(cudaFree(y));

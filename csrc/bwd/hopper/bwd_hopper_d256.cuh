@@ -1,0 +1,380 @@
+// FlashAttention backward main kernel for sm_90a, head-dim class 256 (wgmma). Companion of
+// bwd_hopper_kernel.cuh (classes 64/128), whose plumbing (descriptors, swizzle, fences) it reuses.
+//
+// Budget that shapes it. Registers: dK + dV for 64 keys at d256 are 2 x 64 x 256 fp32 = 128 KB, i.e. 256 per
+// thread for one warpgroup, so the two warpgroups split the head dim: warpgroup w owns dK / dV columns
+// 128 w .. 128 w + 127 of all 64 keys (128 registers), plus a 64 x 128 dQ tile (64) while it is in flight.
+// Shared memory: K, V (64 keys x 256) 64 KB, Q and dO (64 queries) double-buffered 128 KB, P^T and dS^T 16 KB,
+// LSE / D 1 KB: 209 KB of the 227 KB a block may have.
+// Per query block of Br = 64 rows (block of Bc = 64 keys):
+//   S^T = K Q_w^T, dP^T = V dO_w^T    warpgroup w: queries 32 w .. 32 w + 31 (m64n32k16 SS, K-major)
+//   P^T, dS^T                         elementwise in registers, stored to shared memory (both warpgroups need
+//                                     all 64 queries of them for the next products)
+//   dQ_w = dS K_w                     64 queries x columns 128 w.. (SS, A = dS^T MN-major, B = K MN-major),
+//                                     issued first so that its atomics overlap dV / dK
+//   dV_w += P^T dO_w, dK_w += dS^T Q_w  columns 128 w .. (SS, A K-major from shared memory, B MN-major)
+#pragma once
+#include "bwd_hopper_kernel.cuh"
+
+namespace flashserve {
+namespace bwd {
+namespace hopper {
+
+struct HTraits256 {
+  static constexpr int kD = 256, Bc = 64, Br = 64, kThreads = 256;
+  static constexpr int kKV = Bc * kD * 2, kQ = Br * kD * 2, kPS = Bc * Br * 2;
+  static constexpr int kOffK = 0, kOffV = kKV, kOffQ = 2 * kKV, kOffdO = kOffQ + 2 * kQ, kOffP = kOffdO + 2 * kQ;
+  static constexpr int kOffdS = kOffP + kPS, kOffLse = kOffdS + kPS, kOffDs = kOffLse + 2 * Br * 4;
+  static constexpr int kSmemBytes = kOffDs + 2 * Br * 4 + 1024;  // + alignment slack (swizzle atoms: 1024 B)
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+template <typename T, bool kExtras, bool kDet>
+__global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tr = HTraits256;
+  using Pk = MmaOp<T>;
+  constexpr int kD = Tr::kD, Bc = Tr::Bc, Br = Tr::Br;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = sh_addr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t sK = base + Tr::kOffK, sV = base + Tr::kOffV;
+  const uint32_t sQ0 = base + Tr::kOffQ, sdO0 = base + Tr::kOffdO, sP = base + Tr::kOffP, sdS = base + Tr::kOffdS;
+  unsigned char* sP_ptr = base_ptr + Tr::kOffP;
+  unsigned char* sdS_ptr = base_ptr + Tr::kOffdS;
+  float* sLse = reinterpret_cast<float*>(base_ptr + Tr::kOffLse);  // [2][Br]
+  float* sDs = reinterpret_cast<float*>(base_ptr + Tr::kOffDs);    // [2][Br]
+
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int wg = tid >> 7, wwarp = (tid >> 5) & 3;
+  const int g = lane >> 2, t = lane & 3;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int group = p.h / p.h_k;
+  const int hk = h / group;
+
+  const int q_start = p.cu_seqlens_q[b], sq = p.cu_seqlens_q[b + 1] - q_start;
+  const int k_start = p.cu_seqlens_k[b], sk = p.cu_seqlens_k[b + 1] - k_start;
+  const int nkb = (sk + Bc - 1) / Bc;
+  const int diag = sk - sq;
+  const int wl = p.window_left, wr = p.window_right;
+
+  const T* qg = reinterpret_cast<const T*>(p.q) + (int64_t)q_start * p.q_row_stride + (int64_t)h * p.q_head_stride;
+  const T* dog =
+      reinterpret_cast<const T*>(p.dout) + (int64_t)q_start * p.do_row_stride + (int64_t)h * p.do_head_stride;
+  const T* kg = reinterpret_cast<const T*>(p.k) + (int64_t)k_start * p.k_row_stride + (int64_t)hk * p.k_head_stride;
+  const T* vg = reinterpret_cast<const T*>(p.v) + (int64_t)k_start * p.v_row_stride + (int64_t)hk * p.v_head_stride;
+  const float* lseg = p.lse + (int64_t)h * p.total_q + q_start;
+  const float* dsg = p.dsum + (int64_t)h * p.total_q + q_start;
+
+  const bool has_softcap = kExtras && p.softcap > 0.f;
+  const float scale_log2 = has_softcap ? p.scale / p.softcap : p.scale * kLog2e;
+  const float cap_log2 = p.softcap * kLog2e;
+  const float alibi_log2 = (kExtras && p.alibi) ? p.alibi[(int64_t)b * p.alibi_batch_stride + h] * kLog2e : 0.f;
+
+  auto m_range = [&](int kbx, int& lo, int& hi) {
+    const int jx = kbx * Bc;
+    int a = 0, z = sq;
+    if (wr >= 0) a = max(0, jx - diag - wr);
+    if (wl >= 0) z = min(sq, jx + Bc - 1 - diag + wl + 1);
+    lo = a / Br;
+    hi = z > a ? (z + Br - 1) / Br : lo;
+  };
+
+  const int row0 = wwarp * 16 + g;  // key of accumulator rows (and row0 + 8); query row of dQ rows
+  const int qc0 = wg * 32;          // this warpgroup's queries in S^T / dP^T
+  const int c0 = wg * 128;          // this warpgroup's head-dim columns of dK / dV / dQ
+
+  // Deterministic: see bwd_hopper_kernel.cuh (same counters and order; dQ slice kb % num_splits).
+  const bool rev = kDet && wr >= 0;
+  const int kb = rev ? nkb - 1 - (int)blockIdx.x : (int)blockIdx.x;
+  const int ns = kDet ? p.num_splits : 1;
+  const int slice = kDet && kb > 0 ? kb % ns : 0;
+  int* sem = kDet ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
+  float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
+                  (int64_t)h * p.d;
+  const int64_t dq_row = (int64_t)p.h * p.d;
+
+  if (kb >= 0 && kb < nkb) {
+    const int j0 = kb * Bc;
+    int m_begin, m_end;
+    m_range(kb, m_begin, m_end);
+
+    auto load_kv = [&]() {
+      constexpr int kChunks = Bc * (kD / 8);
+#pragma unroll
+      for (int c = tid; c < kChunks; c += Tr::kThreads) {
+        const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+        const bool ok = (j0 + r < sk) && (col < p.d);
+        const int rr = ok ? j0 + r : 0, cc = ok ? col : 0;
+        const uint32_t off = swz(Bc, r, col);
+        cp16(sK + off, kg + (int64_t)rr * p.k_row_stride + cc, ok);
+        cp16(sV + off, vg + (int64_t)rr * p.v_row_stride + cc, ok);
+      }
+    };
+    auto load_q = [&](int m, int stage) {
+      const int i0 = m * Br;
+      const uint32_t q_s = sQ0 + stage * Tr::kQ, do_s = sdO0 + stage * Tr::kQ;
+      constexpr int kChunks = Br * (kD / 8);
+#pragma unroll
+      for (int c = tid; c < kChunks; c += Tr::kThreads) {
+        const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+        const bool ok = (i0 + r < sq) && (col < p.d);
+        const int rr = ok ? i0 + r : 0, cc = ok ? col : 0;
+        const uint32_t off = swz(Br, r, col);
+        cp16(q_s + off, qg + (int64_t)rr * p.q_row_stride + cc, ok);
+        cp16(do_s + off, dog + (int64_t)rr * p.do_row_stride + cc, ok);
+      }
+      if (tid < Br) {
+        const bool ok = i0 + tid < sq;
+        const int rr = ok ? i0 + tid : 0;
+        cp4(sh_addr(sLse + stage * Br + tid), lseg + rr, ok);
+        cp4(sh_addr(sDs + stage * Br + tid), dsg + rr, ok);
+      }
+    };
+
+    float dk[64], dv[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) dk[i] = dv[i] = 0.f;
+
+    if (m_begin < m_end) {
+      load_kv();
+      load_q(m_begin, 0);
+      cp_commit();
+    }
+
+    int pending = -1;
+    int first = rev ? kb : 0;
+    for (int m = m_begin; m < m_end; ++m) {
+      const int stage = (m - m_begin) & 1;
+      cp_wait_all();
+      fence_async_smem();
+      __syncthreads();  // tile m landed; iteration m - 1 (wgmma reads of Q/dO/P/dS included) is done
+      if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
+      cp_commit();
+      const uint32_t sQ = sQ0 + stage * Tr::kQ, sdO = sdO0 + stage * Tr::kQ;
+      const float* lse_s = sLse + stage * Br;
+      const float* ds_s = sDs + stage * Br;
+      const int i0 = m * Br;
+
+      // ---- S^T = K Q_w^T, dP^T = V dO_w^T: 64 keys x 32 queries each, k = 256 (16 steps), two groups.
+      float s[16], dp[16];
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t ka = (kk >> 2) * Bc * 128 + (kk & 3) * 32;
+        const uint32_t qa = (kk >> 2) * Br * 128 + qc0 * 128 + (kk & 3) * 32;
+        Wgmma<T, 32>::template ss<0, 0>(s, desc_sw128(sK + ka, 16, 1024), desc_sw128(sQ + qa, 16, 1024), kk > 0);
+      }
+      wg_commit();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t ka = (kk >> 2) * Bc * 128 + (kk & 3) * 32;
+        const uint32_t qa = (kk >> 2) * Br * 128 + qc0 * 128 + (kk & 3) * 32;
+        Wgmma<T, 32>::template ss<0, 0>(dp, desc_sw128(sV + ka, 16, 1024), desc_sw128(sdO + qa, 16, 1024),
+                                        kk > 0);
+      }
+      wg_commit();
+      if (kDet && pending >= 0) {
+        if (tid == 0) {
+          __threadfence();
+          atomicAdd(sem + pending, 1);
+        }
+        pending = -1;
+      }
+      wg_wait<1>();
+      keep(s);
+
+      // ---- P^T (to shared memory, for dV) and P^T o softcap' (kept in s, for dS). Element e of n-block n:
+      // key row0 + 8 ((e / 2) % 2), query qc0 + 8 n + 2 t + e % 2.
+      const bool full = (i0 + Br <= sq) && (j0 + Bc <= sk) && (wr < 0 || j0 + Bc - 1 <= i0 + diag + wr) &&
+                        (wl < 0 || j0 >= i0 + Br - 1 + diag - wl);
+      auto softmax = [&](auto full_tag) {
+        constexpr bool kFull = decltype(full_tag)::value;
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          const int ql = qc0 + n * 8 + 2 * t;
+          const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + ql);
+          const float l2[2] = {lse2.x * kLog2e, lse2.y * kLog2e};
+          float pv[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float x = s[n * 4 + e];
+            float grad = 1.f;
+            const int kj = j0 + row0 + (e >> 1) * 8;
+            const int qi = i0 + ql + (e & 1);
+            float pr;
+            if constexpr (kExtras) {
+              float logit, th = 0.f;
+              if (has_softcap) {
+                th = tanhf(x * scale_log2);
+                logit = th * cap_log2;
+              } else {
+                logit = x * scale_log2;
+              }
+              if (p.alibi) logit -= alibi_log2 * fabsf((float)(qi + diag - kj));
+              pr = fast_exp2(logit - l2[e & 1]);
+              grad = 1.f - th * th;
+            } else {
+              pr = fast_exp2(fmaf(x, scale_log2, -l2[e & 1]));
+            }
+            if constexpr (!kFull) {
+              const bool vis =
+                  kj < sk && qi < sq && (wr < 0 || kj <= qi + diag + wr) && (wl < 0 || kj >= qi + diag - wl);
+              if (!vis) pr = 0.f;
+            }
+            pv[e] = pr;
+            s[n * 4 + e] = pr * grad;
+            (void)grad;
+            (void)kj;
+            (void)qi;
+          }
+          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0, ql)) = Pk::pack(pv[0], pv[1]);
+          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0 + 8, ql)) = Pk::pack(pv[2], pv[3]);
+        }
+      };
+      if (full) softmax(std::true_type{});
+      else softmax(std::false_type{});
+
+      wg_wait<0>();
+      keep(dp);
+      // ---- dS^T = P^T o (dP^T - D) (o softcap'), to shared memory (row = key).
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const int ql = qc0 + n * 8 + 2 * t;
+        const float2 dd = *reinterpret_cast<const float2*>(ds_s + ql);
+        const float dval[2] = {dd.x, dd.y};
+        float dsv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dsv[e] = s[n * 4 + e] * (dp[n * 4 + e] - dval[e & 1]);
+        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0, ql)) = Pk::pack(dsv[0], dsv[1]);
+        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0 + 8, ql)) = Pk::pack(dsv[2], dsv[3]);
+      }
+      fence_async_smem();
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups' P^T and dS^T are in shared memory
+
+      // ---- dQ_w = dS K_w (64 queries x 128 columns, k = 64 keys): A = dS^T (MN-major), B = K (MN-major,
+      // panels 2 w, 2 w + 1).
+      float dq[64];
+      wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < Bc / 16; ++kk)
+        Wgmma<T, 128>::template ss<1, 1>(dq, desc_sw128(sdS + kk * 2048, Bc * 128, 1024),
+                                         desc_sw128(sK + 2 * wg * Bc * 128 + kk * 2048, Bc * 128, 1024), kk > 0);
+      wg_commit();
+      // ---- dV_w += P^T dO_w, dK_w += dS^T Q_w (k = 64 queries): A K-major from shared memory, B MN-major.
+      keep(dv);
+      keep(dk);
+#pragma unroll
+      for (int kk = 0; kk < Br / 16; ++kk)
+        Wgmma<T, 128>::template ss<0, 1>(dv, desc_sw128(sP + kk * 32, 16, 1024),
+                                         desc_sw128(sdO + 2 * wg * Br * 128 + kk * 2048, Br * 128, 1024), 1);
+#pragma unroll
+      for (int kk = 0; kk < Br / 16; ++kk)
+        Wgmma<T, 128>::template ss<0, 1>(dk, desc_sw128(sdS + kk * 32, 16, 1024),
+                                         desc_sw128(sQ + 2 * wg * Br * 128 + kk * 2048, Br * 128, 1024), 1);
+      wg_commit();
+      if (kDet) {
+        if (tid == 0) {
+          int lo, hi;
+          if (rev) {
+            while (first + 1 < nkb && (m_range(first + 1, lo, hi), m >= lo && m < hi)) ++first;
+          } else {
+            while ((m_range(first, lo, hi), m < lo || m >= hi)) ++first;
+          }
+          // Blocks of this slice (kb' = kb mod ns) that add into m before this one.
+          const int target = (rev ? first - kb : kb - first) / ns;
+          while (ld_acquire(sem + m) != target) __nanosleep(32);
+        }
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      }
+      wg_wait<1>();
+      keep(dq);
+
+      const int qrow = i0 + row0 + (t & 1) * 8;
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        const float s0 = (t & 1) ? dq[n * 4 + 0] : dq[n * 4 + 2];
+        const float s1 = (t & 1) ? dq[n * 4 + 1] : dq[n * 4 + 3];
+        const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
+        const float r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+        const float4 v = (t & 1) ? make_float4(r0, r1, dq[n * 4 + 2], dq[n * 4 + 3])
+                                 : make_float4(dq[n * 4 + 0], dq[n * 4 + 1], r0, r1);
+        const int col = c0 + n * 8 + (t >> 1) * 4;
+        if (qrow < sq && col < p.d) atomicAdd(reinterpret_cast<float4*>(dq_acc + (int64_t)qrow * dq_row + col), v);
+      }
+      if (kDet) pending = m;
+      wg_wait<0>();
+      keep(dv);
+      keep(dk);
+    }
+    if (kDet && pending >= 0) {
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      if (tid == 0) {
+        __threadfence();
+        atomicAdd(sem + pending, 1);
+      }
+    }
+
+    cp_wait_all();
+
+    // ---- dK (scaled) and dV: element e of n-block n is key row0 + 8 ((e / 2) % 2), column c0 + 8 n + 2 t + e % 2.
+    const float sc = p.scale;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int ka = j0 + row0 + half * 8;
+      if (ka >= sk) continue;
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        const int col = c0 + n * 8 + 2 * t;
+        if (col >= p.d) continue;
+        const float k0 = dk[n * 4 + 2 * half] * sc, k1 = dk[n * 4 + 2 * half + 1] * sc;
+        const float v0 = dv[n * 4 + 2 * half], v1 = dv[n * 4 + 2 * half + 1];
+        if (group == 1) {
+          const int64_t off = ((int64_t)(k_start + ka) * p.h_k + hk) * p.d + col;
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dk) + off) = Pk::pack(k0, k1);
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + off) = Pk::pack(v0, v1);
+        } else {
+          const int64_t off = ((int64_t)(k_start + ka) * p.h + h) * p.d + col;
+          *reinterpret_cast<float2*>(p.dk_accum + off) = make_float2(k0, k1);
+          *reinterpret_cast<float2*>(p.dv_accum + off) = make_float2(v0, v1);
+        }
+      }
+    }
+  }
+#endif  // sm_90a
+}
+
+template <typename T>
+cudaError_t run_hopper_d256_impl(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
+  using Tr = HTraits256;
+  *used = false;
+  const bool extras = p.softcap > 0.f || p.alibi != nullptr;
+  auto kernel = extras ? (p.deterministic ? bwd_hopper_d256_kernel<T, true, true>
+                                          : bwd_hopper_d256_kernel<T, true, false>)
+                       : (p.deterministic ? bwd_hopper_d256_kernel<T, false, true>
+                                          : bwd_hopper_d256_kernel<T, false, false>);
+  cudaFuncAttributes attr;
+  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  if (e != cudaSuccess || attr.binaryVersion < 90) {
+    cudaGetLastError();
+    return cudaSuccess;
+  }
+  if (probe) {
+    *used = true;
+    return cudaSuccess;
+  }
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  *used = true;
+  const int nkb = (p.max_seqlen_k + Tr::Bc - 1) / Tr::Bc;
+  if (nkb == 0 || p.b == 0 || p.h == 0) return cudaSuccess;
+  kernel<<<dim3(nkb, p.h, p.b), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace hopper
+}  // namespace bwd
+}  // namespace flashserve
