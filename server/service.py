@@ -38,6 +38,7 @@ METHOD_NAMES = {pb.FORWARD: "Forward", pb.BACKWARD: "Backward"}
 # Chunks at least this large are copied into their tensors (and response chunks encoded) on helper threads,
 # so the event loop goes on receiving (sending) while they are copied; smaller ones are not worth the hop.
 INLINE_SHM_BYTES = 64 << 10  # shared-memory tensors up to this size are read on the event loop
+VALUE_CHECKED = ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")  # read before validation, whatever their size
 OFFLOAD_BYTES = 1 << 20
 COPIES_AHEAD = 4  # chunk copies of one call in flight at once
 
@@ -244,16 +245,20 @@ class AttentionService(pb_grpc.AttentionServicer):
             allocate = lease.allocate if lease is not None else None  # pooled (warm) buffers on CPU
             # Small tensors (cu_seqlens, ...) are read here: validation needs their values. Large ones are
             # checked here and read by the compute worker right before the launch (no executor hop of ours).
-            large = {d.name for d in shm_descs if d.nbytes > INLINE_SHM_BYTES}
+            # Tensors whose values validation checks (cu_seqlens, alibi) are always copied here, before the
+            # checks: a copy the client cannot change afterwards.
+            large = {d.name for d in shm_descs if d.nbytes > INLINE_SHM_BYTES and d.name not in VALUE_CHECKED}
             if large and asm.header.residual_handle:  # dout is checked against the kept residuals at once
                 large = set()
-            # A CPU backend reads a sealed memfd's tensors in place (no copy): the client holds that region for
-            # the whole call and it cannot shrink. Not when they are kept as residuals past the call.
-            borrow = (lease is not None and not (asm.header.keep_residuals and self.residuals is not None))
-            if borrow:
-                large = {n for n in large if not is_memfd_name(next(d.shm.region for d in shm_descs if d.name == n))}
-            tensors.update(self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - large,
-                                                borrow=borrow))
+            tensors.update(self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - large))
+            # A CPU backend reads the large tensors of a sealed memfd in place (no copy): the client holds that
+            # region for the whole call and it cannot shrink; their values only affect the client's own rows.
+            # Not when they are kept as residuals past the call.
+            if large and lease is not None and not (asm.header.keep_residuals and self.residuals is not None):
+                mapped = {d.name for d in shm_descs if d.name in large and is_memfd_name(d.shm.region)}
+                if mapped:
+                    tensors.update(self.shm.read_inputs(asm.header, names=mapped, borrow=True))
+                    large -= mapped
             if large:
                 self.shm.read_inputs(asm.header, names=large, check_only=True)
                 deferred = (self.shm.read_inputs, asm.header, allocate, large)

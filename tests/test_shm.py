@@ -361,3 +361,23 @@ def test_cpu_server_reads_large_inputs_of_sealed_regions_in_place(shm_server):
         c._regions = client_shm.RegionPool(memfd=False)  # a /dev/shm file is never mapped: copied
         out = flashserve.flash_attn_func(q, q, q, client=c)
         assert (pool.hits, pool.misses) != before and rel_err(out, reference(q, q, q, False)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["memfd", "file"])
+def test_value_checked_tensors_are_copied_before_validation_whatever_their_size(shm_server, monkeypatch, kind):
+    """cu_seqlens (and alibi) are validated by value: they are read (copied) before the checks even when
+    large; only the other tensors are read later by the compute worker or, on a CPU server, in place."""
+    from flashserve.server import service as server_service
+
+    monkeypatch.setattr(server_service, "INLINE_SHM_BYTES", 0)  # every tensor counts as large
+    with flashserve.Client(shm_server.target, timeout=60) as c:
+        c._regions = client_shm.RegionPool(memfd=kind == "memfd")
+        q = torch.randn(2, 40, 2, 16)
+        out = flashserve.flash_attn_func(q, q, q, causal=True, client=c)
+        assert rel_err(out, reference(q, q, q, True)[0]) < 1e-5
+        bad = torch.tensor([0, 50, 80], dtype=torch.int32)  # ends at 80 tokens, q has 80: fine; now break it
+        bad[1] = 90
+        with pytest.raises(flashserve.RemoteError) as err:
+            flashserve.flash_attn_varlen_func(q.reshape(80, 2, 16), q.reshape(80, 2, 16), q.reshape(80, 2, 16),
+                                              bad, bad, 50, 50, client=c)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "cu_seqlens" in err.value.details
