@@ -202,12 +202,13 @@ class RegionPool:
                 region = None
         for r in drop:
             r.close()
-        if region is None:
+        created = region is None
+        if created:
             region = Region(max(size, size + size // 4), memfd=self.memfd)
         with self._lock:
             self._outputs.append(region)
             self._lent.add(id(region))
-            self.created += 1
+            self.created += int(created)
         return region
 
     def release_output(self, region: Region) -> None:
