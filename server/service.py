@@ -43,6 +43,12 @@ OFFLOAD_BYTES = 1 << 20
 COPIES_AHEAD = 4  # chunk copies of one call in flight at once
 
 
+@functools.lru_cache(maxsize=None)
+def _child(metric, *labels):
+    """A labelled metric's child, looked up once (labels() costs a lock and a dict walk per call)."""
+    return metric.labels(*labels)
+
+
 def _read_deferred(job: Job, read, header: pb.Header, allocate, names) -> None:
     """Job.prepare: the large shared-memory inputs, read on the compute worker."""
     job.tensors.update(read(header, allocate, names=names))
@@ -118,7 +124,7 @@ class AttentionService(pb_grpc.AttentionServicer):
         code = grpc.StatusCode.OK
         if self.in_flight >= self.config.max_concurrent:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            metrics.REQUESTS.labels(method, code.name).inc()
+            _child(metrics.REQUESTS, method, code.name).inc()
             await context.abort(code, f"the server is serving {self.in_flight} requests, its limit "
                                       f"(--max-concurrent); retry later")
         self.in_flight += 1
@@ -147,7 +153,7 @@ class AttentionService(pb_grpc.AttentionServicer):
                 reply.residual_handle = self.residuals.keep(job, outputs)
             async for frame in self._send(reply, outputs, header, job):
                 yield frame
-            metrics.TOKENS.labels(method).inc(shapes.total_q if shapes else 0)
+            _child(metrics.TOKENS, method).inc(shapes.total_q if shapes else 0)
             self.requests_served += 1
         except RequestError as exc:
             code = exc.code
@@ -176,8 +182,8 @@ class AttentionService(pb_grpc.AttentionServicer):
                 lease.release()
             self.in_flight -= 1
             metrics.IN_FLIGHT.dec()
-            metrics.REQUESTS.labels(method, code.name).inc()
-            metrics.LATENCY.labels(method).observe(time.perf_counter() - started)
+            _child(metrics.REQUESTS, method, code.name).inc()
+            _child(metrics.LATENCY, method).observe(time.perf_counter() - started)
 
     def _admit_bytes(self, header: pb.Header, admitted: list) -> None:
         """Reserve the request's tensor bytes against --max-inflight-bytes before any buffer is taken."""
@@ -250,15 +256,15 @@ class AttentionService(pb_grpc.AttentionServicer):
             large = {d.name for d in shm_descs if d.nbytes > INLINE_SHM_BYTES and d.name not in VALUE_CHECKED}
             if large and asm.header.residual_handle:  # dout is checked against the kept residuals at once
                 large = set()
-            tensors.update(self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - large))
             # A CPU backend reads the large tensors of a sealed memfd in place (no copy): the client holds that
             # region for the whole call and it cannot shrink; their values only affect the client's own rows.
             # Not when they are kept as residuals past the call.
+            borrow = set()
             if large and lease is not None and not (asm.header.keep_residuals and self.residuals is not None):
-                mapped = {d.name for d in shm_descs if d.name in large and is_memfd_name(d.shm.region)}
-                if mapped:
-                    tensors.update(self.shm.read_inputs(asm.header, names=mapped, borrow=True))
-                    large -= mapped
+                borrow = {d.name for d in shm_descs if d.name in large and is_memfd_name(d.shm.region)}
+                large -= borrow
+            tensors.update(self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - large,
+                                                borrow=borrow))
             if large:
                 self.shm.read_inputs(asm.header, names=large, check_only=True)
                 deferred = (self.shm.read_inputs, asm.header, allocate, large)
@@ -288,7 +294,7 @@ class AttentionService(pb_grpc.AttentionServicer):
                                           receive_s=t.get("receive_s", 0),
                                           batch_requests=int(t.get("batch_requests", 1))))
         for stage in ("queue_s", "copy_in_s", "compute_s", "copy_out_s"):
-            metrics.STAGE.labels(stage[:-2]).observe(t.get(stage, 0))
+            _child(metrics.STAGE, stage[:-2]).observe(t.get(stage, 0))
         names = list(outputs)
         if request.output_region and self.shm is not None:
             descs = job.output_descs  # written by the compute worker (Job.finish)

@@ -46,6 +46,7 @@ PREFIX = "flashserve_"
 _NAME = re.compile(r"^/?flashserve_[A-Za-z0-9_.-]{1,200}$")
 _MEMFD_NAME = re.compile(r"^flashserve_fd_([0-9]{1,10})_([0-9]{1,10})_([A-Za-z0-9]{1,64})$")
 MAX_MAPPED = 256  # memfd regions kept mapped across calls
+_SHM_IN, _SHM_OUT = metrics.SHM_BYTES.labels("in"), metrics.SHM_BYTES.labels("out")
 ALIGN = 64  # output slices start on 64-byte boundaries
 
 
@@ -231,7 +232,10 @@ class ShmTransport:
             return _Region(name, field, writable)
         with self._lock:
             region = self._mapped.get(name)
-        if region is not None and region.alive():
+        # A name (its token) never names another memfd, so a cached mapping is that region. Reads need no
+        # check (a client that closed its region reads its own stale bytes); a write first checks that the
+        # client still has the region, so that its outputs are not written where nobody will read them.
+        if region is not None and (not writable or region.alive()):
             with self._lock:
                 if name in self._mapped:
                     self._mapped.move_to_end(name)
@@ -252,12 +256,12 @@ class ShmTransport:
 
     def read_inputs(self, header: pb.Header, allocate: Optional[Callable[[int], torch.Tensor]] = None,
                     names: Optional[Set[str]] = None, check_only: bool = False,
-                    borrow: bool = False) -> Dict[str, torch.Tensor]:
+                    borrow: Set[str] = frozenset()) -> Dict[str, torch.Tensor]:
         """The shared-memory tensors of a request (those in `names`, default all), copied once into server
         buffers (from `allocate`, default the transport's). check_only: check names, offsets and sizes, copy
-        nothing (the copy then checks again: a region may change in between). borrow: tensors in sealed memfd
-        regions are returned as views of the client's memory, not copied (for a CPU backend that only reads
-        them during the call; never for anything kept past it)."""
+        nothing (the copy then checks again: a region may change in between). borrow: names of tensors that, when
+        in a sealed memfd region, are returned as views of the client's memory, not copied (for a CPU backend
+        that only reads them during the call; never for anything kept past it or validated by value)."""
         allocate = allocate or self.allocate
         descs = [d for d in header.tensors if d.HasField("shm") and (names is None or d.name in names)]
         regions: Dict[str, _Region] = {}
@@ -274,7 +278,7 @@ class ShmTransport:
                 return out
             for d in descs:
                 region = regions[d.shm.region]
-                if borrow and isinstance(region, _Mapped) and d.nbytes:
+                if d.name in borrow and isinstance(region, _Mapped) and d.nbytes:
                     buf = region.borrow(d.shm.offset, d.nbytes)
                 else:
                     buf = allocate(d.nbytes)
@@ -284,7 +288,7 @@ class ShmTransport:
                     tuple(d.shape), dtype=dtype)
                 with self._lock:
                     self.bytes_read += d.nbytes
-                metrics.SHM_BYTES.labels("in").inc(d.nbytes)
+                _SHM_IN.inc(d.nbytes)
         finally:
             for r in regions.values():
                 r.close()
@@ -314,7 +318,7 @@ class ShmTransport:
                 descs.append(d)
                 with self._lock:
                     self.bytes_written += d.nbytes
-                metrics.SHM_BYTES.labels("out").inc(d.nbytes)
+                _SHM_OUT.inc(d.nbytes)
             return descs
         finally:
             region.close()
