@@ -37,10 +37,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Attention"].full_name
 METHOD_NAMES = {pb.FORWARD: "Forward", pb.BACKWARD: "Backward"}
 # Chunks at least this large are copied into their tensors (and response chunks encoded) on helper threads,
 # so the event loop goes on receiving (sending) while they are copied; smaller ones are not worth the hop.
-INLINE_SHM_BYTES = 64 << 10  # shared-memory tensors up to this size are read on the event loop
-VALUE_CHECKED = ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")  # read before validation, whatever their size
 OFFLOAD_BYTES = 1 << 20
 COPIES_AHEAD = 4  # chunk copies of one call in flight at once
+INLINE_SHM_BYTES = 64 << 10  # shared-memory tensors up to this size are read on the event loop
+VALUE_CHECKED = ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")  # read before validation, whatever their size
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,10 +249,9 @@ class AttentionService(pb_grpc.AttentionServicer):
                                "shm: this server does not accept shared-memory tensors (start it with --allow-shm)")
         if shm_descs:
             allocate = lease.allocate if lease is not None else None  # pooled (warm) buffers on CPU
-            # Small tensors (cu_seqlens, ...) are read here: validation needs their values. Large ones are
-            # checked here and read by the compute worker right before the launch (no executor hop of ours).
-            # Tensors whose values validation checks (cu_seqlens, alibi) are always copied here, before the
-            # checks: a copy the client cannot change afterwards.
+            # Small tensors, and those whose values validation checks (cu_seqlens, alibi), are copied here:
+            # the checks then see a copy the client cannot change. Large ones are checked here and read by the
+            # compute worker right before the launch (no executor hop of ours).
             large = {d.name for d in shm_descs if d.nbytes > INLINE_SHM_BYTES and d.name not in VALUE_CHECKED}
             if large and asm.header.residual_handle:  # dout is checked against the kept residuals at once
                 large = set()
