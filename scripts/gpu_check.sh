@@ -16,6 +16,8 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-/tmp/flashserve_gpu_check}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
+# compute-sanitizer (tests/gpu sanitizer cases) lives beside nvcc; not every image puts it on PATH.
+for d in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do [ -d "$d" ] && export PATH="$PATH:$d"; done
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 status=0
 

@@ -133,6 +133,10 @@ int fwd_auto_num_splits(const FwdParams& p) {
   if (hd < 0) return 1;
   int bm, bn, bps;
   tile_shape_of(hd, bm, bn, bps);
+  if (p.max_seqlen_q <= 64 && bm > 64) {  // the split launch takes FwdDecodeTraits (64 rows, 4 warps)
+    bm = 64;
+    bps = 2;
+  }
   const int64_t work = int64_t(p.b) * p.h * ceil_div(p.max_seqlen_q, bm);
   const int n_blocks = ceil_div(p.max_seqlen_k, bn);
   const int64_t slots = int64_t(std::max(p.num_sms, 1)) * bps;

@@ -608,11 +608,23 @@ bool fwd_tune_launch(const FwdParams& p, cudaStream_t stream) {
 }
 #endif
 
+// Decode-like split-KV calls (at most 64 queries per sequence): a 64-row tile with 4 warps. With the 128-row
+// default most of the tensor-core work is on padding rows; at 1 query x 32k keys that padding, not the K/V
+// bytes, set the time.
+template <int HD>
+using FwdDecodeTraits = FwdTraits<HD, 64, FwdConfig<HD>::Traits::BN, 4>;
+
 template <typename T, int HD, bool kFull, bool kSplit>
 void launch_fwd(const FwdParams& p, cudaStream_t stream) {
 #ifdef FS_TUNE
   if (fwd_tune_launch<T, HD, kFull, kSplit>(p, stream)) return;
 #endif
+  if constexpr (kSplit && FwdConfig<HD>::Traits::BM > 64) {
+    if (p.max_seqlen_q <= 64) {
+      launch_fwd_tr<T, FwdDecodeTraits<HD>, kFull, kSplit>(p, stream);
+      return;
+    }
+  }
   launch_fwd_tr<T, typename FwdConfig<HD>::Traits, kFull, kSplit>(p, stream);
 }
 

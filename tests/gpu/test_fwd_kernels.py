@@ -280,6 +280,32 @@ def test_softcap_alibi(fs_C, compiled, feature, splits):
             check(out, lse, ref_out, ref_lse, 2 * base + 1e-5, f"{feature} {dtype} d={d} splits={splits}")
 
 
+@pytest.mark.parametrize("feature", ["plain", "causal", "window", "softcap_alibi"])
+@pytest.mark.parametrize("splits", [0, 4, 1])
+def test_decode_split(fs_C, compiled, feature, splits):
+    """Split-KV calls with at most 64 queries per sequence take the 64-row decode tile (FwdDecodeTraits):
+    every head-dim class and dtype, short queries against long keys (and an empty and a 5-key sequence)."""
+    q_lens = [1, 64, 17, 0, 33, 2]
+    k_lens = [3000, 2048, 1000, 7, 4097, 5]
+    h, hk = 8, 2
+    kw = {"causal": feature == "causal"}
+    if feature == "window":
+        kw.update(wl=300, wr=0)
+    if feature == "softcap_alibi":
+        kw.update(softcap=5.0, alibi=torch.rand(h, device=DEV) * 0.1)
+    for dtype in compiled["dtypes"]:
+        for d in compiled["head_dims"]:
+            if "alibi" in kw:
+                d = min(d, 248)  # the SDPA baseline carries ALiBi in 2 extra head-dim columns
+            q, k, v = rand_inputs(q_lens, k_lens, h, hk, d, dtype, 500 + d)
+            scale = d ** -0.5
+            out, lse, _ = run_fwd(fs_C, q, k, v, q_lens, k_lens, scale, num_splits=splits, **kw)
+            ref_out, ref_lse, _ = reference(q, k, v, q_lens, k_lens, scale, **kw)
+            base = sdpa_flash_error(q, k, v, q_lens, k_lens, scale, causal=kw["causal"], wl=kw.get("wl", -1),
+                                    wr=kw.get("wr", -1), alibi=kw.get("alibi"))
+            check(out, lse, ref_out, ref_lse, 2 * base + 1e-5, f"decode {feature} {dtype} d={d} splits={splits}")
+
+
 @pytest.mark.parametrize("causal,wl,wr", [(False, -1, -1), (True, -1, -1), (False, 100, 30)])
 def test_hopper_and_mma_sync_paths(fs_C, compiled, monkeypatch, causal, wl, wr):
     """On an sm_90 GPU with a 90a build, calls without softcap/ALiBi/dropout/return_softmax/split-KV at head-dim
