@@ -1,5 +1,5 @@
 // FlashAttention backward main kernel for sm_90a, head-dim class 256 (wgmma). Companion of
-// bwd_hopper_kernel.cuh (classes 64/128), whose plumbing (descriptors, swizzle, fences) it reuses.
+// bwd_hopper_kernel.cuh (classes 64/128); both use the helpers of bwd_hopper_common.cuh.
 //
 // Budget that shapes it. Registers: dK + dV for 64 keys at d256 are 2 x 64 x 256 fp32 = 128 KB, i.e. 256 per
 // thread for one warpgroup, so the two warpgroups split the head dim: warpgroup w owns dK / dV columns
@@ -14,7 +14,10 @@
 //                                     issued first so that its atomics overlap dV / dK
 //   dV_w += P^T dO_w, dK_w += dS^T Q_w  columns 128 w .. (SS, A K-major from shared memory, B MN-major)
 #pragma once
-#include "bwd_hopper_kernel.cuh"
+#include <cstdint>
+#include <type_traits>
+
+#include "bwd_hopper_common.cuh"
 
 namespace flashserve {
 namespace bwd {
@@ -74,14 +77,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
   const float cap_log2 = p.softcap * kLog2e;
   const float alibi_log2 = (kExtras && p.alibi) ? p.alibi[(int64_t)b * p.alibi_batch_stride + h] * kLog2e : 0.f;
 
-  auto m_range = [&](int kbx, int& lo, int& hi) {
-    const int jx = kbx * Bc;
-    int a = 0, z = sq;
-    if (wr >= 0) a = max(0, jx - diag - wr);
-    if (wl >= 0) z = min(sq, jx + Bc - 1 - diag + wl + 1);
-    lo = a / Br;
-    hi = z > a ? (z + Br - 1) / Br : lo;
-  };
+  auto m_range = [&](int kbx, int& lo, int& hi) { query_block_range<Bc, Br>(kbx, sq, diag, wl, wr, lo, hi); };
 
   const int row0 = wwarp * 16 + g;  // key of accumulator rows (and row0 + 8); query row of dQ rows
   const int qc0 = wg * 32;          // this warpgroup's queries in S^T / dP^T
@@ -103,36 +99,13 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
     m_range(kb, m_begin, m_end);
 
     auto load_kv = [&]() {
-      constexpr int kChunks = Bc * (kD / 8);
-#pragma unroll
-      for (int c = tid; c < kChunks; c += Tr::kThreads) {
-        const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-        const bool ok = (j0 + r < sk) && (col < p.d);
-        const int rr = ok ? j0 + r : 0, cc = ok ? col : 0;
-        const uint32_t off = swz(Bc, r, col);
-        cp16(sK + off, kg + (int64_t)rr * p.k_row_stride + cc, ok);
-        cp16(sV + off, vg + (int64_t)rr * p.v_row_stride + cc, ok);
-      }
+      load_tile_pair<Bc, kD, Tr::kThreads>(sK, kg, p.k_row_stride, sV, vg, p.v_row_stride, j0, sk, p.d, tid);
     };
     auto load_q = [&](int m, int stage) {
       const int i0 = m * Br;
-      const uint32_t q_s = sQ0 + stage * Tr::kQ, do_s = sdO0 + stage * Tr::kQ;
-      constexpr int kChunks = Br * (kD / 8);
-#pragma unroll
-      for (int c = tid; c < kChunks; c += Tr::kThreads) {
-        const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-        const bool ok = (i0 + r < sq) && (col < p.d);
-        const int rr = ok ? i0 + r : 0, cc = ok ? col : 0;
-        const uint32_t off = swz(Br, r, col);
-        cp16(q_s + off, qg + (int64_t)rr * p.q_row_stride + cc, ok);
-        cp16(do_s + off, dog + (int64_t)rr * p.do_row_stride + cc, ok);
-      }
-      if (tid < Br) {
-        const bool ok = i0 + tid < sq;
-        const int rr = ok ? i0 + tid : 0;
-        cp4(sh_addr(sLse + stage * Br + tid), lseg + rr, ok);
-        cp4(sh_addr(sDs + stage * Br + tid), dsg + rr, ok);
-      }
+      load_tile_pair<Br, kD, Tr::kThreads>(sQ0 + stage * Tr::kQ, qg, p.q_row_stride, sdO0 + stage * Tr::kQ, dog,
+                                           p.do_row_stride, i0, sq, p.d, tid);
+      load_row_stats<Br>(sLse + stage * Br, sDs + stage * Br, lseg, dsg, i0, sq, tid);
     };
 
     float dk[64], dv[64];
@@ -150,7 +123,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
     for (int m = m_begin; m < m_end; ++m) {
       const int stage = (m - m_begin) & 1;
       cp_wait_all();
-      fence_async_smem();
+      fence_proxy_async();
       __syncthreads();  // tile m landed; iteration m - 1 (wgmma reads of Q/dO/P/dS included) is done
       if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
       cp_commit();
@@ -161,31 +134,28 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
 
       // ---- S^T = K Q_w^T, dP^T = V dO_w^T: 64 keys x 32 queries each, k = 256 (16 steps), two groups.
       float s[16], dp[16];
-      wg_fence();
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t ka = (kk >> 2) * Bc * 128 + (kk & 3) * 32;
         const uint32_t qa = (kk >> 2) * Br * 128 + qc0 * 128 + (kk & 3) * 32;
-        Wgmma<T, 32>::template ss<0, 0>(s, desc_sw128(sK + ka, 16, 1024), desc_sw128(sQ + qa, 16, 1024), kk > 0);
+        Wgmma<T, 32>::template ss<0, 0>(s, make_desc(sK + ka, 16, 1024), make_desc(sQ + qa, 16, 1024), kk > 0);
       }
-      wg_commit();
+      wgmma_commit();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t ka = (kk >> 2) * Bc * 128 + (kk & 3) * 32;
         const uint32_t qa = (kk >> 2) * Br * 128 + qc0 * 128 + (kk & 3) * 32;
-        Wgmma<T, 32>::template ss<0, 0>(dp, desc_sw128(sV + ka, 16, 1024), desc_sw128(sdO + qa, 16, 1024),
+        Wgmma<T, 32>::template ss<0, 0>(dp, make_desc(sV + ka, 16, 1024), make_desc(sdO + qa, 16, 1024),
                                         kk > 0);
       }
-      wg_commit();
+      wgmma_commit();
       if (kDet && pending >= 0) {
-        if (tid == 0) {
-          __threadfence();
-          atomicAdd(sem + pending, 1);
-        }
+        if (tid == 0) release_dq_block(sem, pending);
         pending = -1;
       }
-      wg_wait<1>();
-      keep(s);
+      wgmma_wait<1>();
+      fence_regs(s);
 
       // ---- P^T (to shared memory, for dV) and P^T o softcap' (kept in s, for dS). Element e of n-block n:
       // key row0 + 8 ((e / 2) % 2), query qc0 + 8 n + 2 t + e % 2.
@@ -238,8 +208,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
       if (full) softmax(std::true_type{});
       else softmax(std::false_type{});
 
-      wg_wait<0>();
-      keep(dp);
+      wgmma_wait<0>();
+      fence_regs(dp);
       // ---- dS^T = P^T o (dP^T - D) (o softcap'), to shared memory (row = key).
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
@@ -252,30 +222,30 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
         *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0, ql)) = Pk::pack(dsv[0], dsv[1]);
         *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0 + 8, ql)) = Pk::pack(dsv[2], dsv[3]);
       }
-      fence_async_smem();
-      asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups' P^T and dS^T are in shared memory
+      fence_proxy_async();
+      named_sync(1, 256);  // both warpgroups' P^T and dS^T are in shared memory
 
       // ---- dQ_w = dS K_w (64 queries x 128 columns, k = 64 keys): A = dS^T (MN-major), B = K (MN-major,
       // panels 2 w, 2 w + 1).
       float dq[64];
-      wg_fence();
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < Bc / 16; ++kk)
-        Wgmma<T, 128>::template ss<1, 1>(dq, desc_sw128(sdS + kk * 2048, Bc * 128, 1024),
-                                         desc_sw128(sK + 2 * wg * Bc * 128 + kk * 2048, Bc * 128, 1024), kk > 0);
-      wg_commit();
+        Wgmma<T, 128>::template ss<1, 1>(dq, make_desc(sdS + kk * 2048, Bc * 128, 1024),
+                                         make_desc(sK + 2 * wg * Bc * 128 + kk * 2048, Bc * 128, 1024), kk > 0);
+      wgmma_commit();
       // ---- dV_w += P^T dO_w, dK_w += dS^T Q_w (k = 64 queries): A K-major from shared memory, B MN-major.
-      keep(dv);
-      keep(dk);
+      fence_regs(dv);
+      fence_regs(dk);
 #pragma unroll
       for (int kk = 0; kk < Br / 16; ++kk)
-        Wgmma<T, 128>::template ss<0, 1>(dv, desc_sw128(sP + kk * 32, 16, 1024),
-                                         desc_sw128(sdO + 2 * wg * Br * 128 + kk * 2048, Br * 128, 1024), 1);
+        Wgmma<T, 128>::template ss<0, 1>(dv, make_desc(sP + kk * 32, 16, 1024),
+                                         make_desc(sdO + 2 * wg * Br * 128 + kk * 2048, Br * 128, 1024), 1);
 #pragma unroll
       for (int kk = 0; kk < Br / 16; ++kk)
-        Wgmma<T, 128>::template ss<0, 1>(dk, desc_sw128(sdS + kk * 32, 16, 1024),
-                                         desc_sw128(sQ + 2 * wg * Br * 128 + kk * 2048, Br * 128, 1024), 1);
-      wg_commit();
+        Wgmma<T, 128>::template ss<0, 1>(dk, make_desc(sdS + kk * 32, 16, 1024),
+                                         make_desc(sQ + 2 * wg * Br * 128 + kk * 2048, Br * 128, 1024), 1);
+      wgmma_commit();
       if (kDet) {
         if (tid == 0) {
           int lo, hi;
@@ -288,91 +258,38 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
           const int target = (rev ? first - kb : kb - first) / ns;
           while (ld_acquire(sem + m) != target) __nanosleep(32);
         }
-        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        named_sync(1, 256);
       }
-      wg_wait<1>();
-      keep(dq);
+      wgmma_wait<1>();
+      fence_regs(dq);
 
-      const int qrow = i0 + row0 + (t & 1) * 8;
-#pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        const float s0 = (t & 1) ? dq[n * 4 + 0] : dq[n * 4 + 2];
-        const float s1 = (t & 1) ? dq[n * 4 + 1] : dq[n * 4 + 3];
-        const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
-        const float r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
-        const float4 v = (t & 1) ? make_float4(r0, r1, dq[n * 4 + 2], dq[n * 4 + 3])
-                                 : make_float4(dq[n * 4 + 0], dq[n * 4 + 1], r0, r1);
-        const int col = c0 + n * 8 + (t >> 1) * 4;
-        if (qrow < sq && col < p.d) atomicAdd(reinterpret_cast<float4*>(dq_acc + (int64_t)qrow * dq_row + col), v);
-      }
+      atomic_add_dq<16>(dq, dq_acc, dq_row, i0 + row0 + (t & 1) * 8, c0, sq, p.d, t);
       if (kDet) pending = m;
-      wg_wait<0>();
-      keep(dv);
-      keep(dk);
+      wgmma_wait<0>();
+      fence_regs(dv);
+      fence_regs(dk);
     }
     if (kDet && pending >= 0) {
-      asm volatile("bar.sync 1, 256;\n" ::: "memory");
-      if (tid == 0) {
-        __threadfence();
-        atomicAdd(sem + pending, 1);
-      }
+      named_sync(1, 256);
+      if (tid == 0) release_dq_block(sem, pending);
     }
 
     cp_wait_all();
 
-    // ---- dK (scaled) and dV: element e of n-block n is key row0 + 8 ((e / 2) % 2), column c0 + 8 n + 2 t + e % 2.
-    const float sc = p.scale;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int ka = j0 + row0 + half * 8;
-      if (ka >= sk) continue;
-#pragma unroll
-      for (int n = 0; n < 16; ++n) {
-        const int col = c0 + n * 8 + 2 * t;
-        if (col >= p.d) continue;
-        const float k0 = dk[n * 4 + 2 * half] * sc, k1 = dk[n * 4 + 2 * half + 1] * sc;
-        const float v0 = dv[n * 4 + 2 * half], v1 = dv[n * 4 + 2 * half + 1];
-        if (group == 1) {
-          const int64_t off = ((int64_t)(k_start + ka) * p.h_k + hk) * p.d + col;
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dk) + off) = Pk::pack(k0, k1);
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + off) = Pk::pack(v0, v1);
-        } else {
-          const int64_t off = ((int64_t)(k_start + ka) * p.h + h) * p.d + col;
-          *reinterpret_cast<float2*>(p.dk_accum + off) = make_float2(k0, k1);
-          *reinterpret_cast<float2*>(p.dv_accum + off) = make_float2(v0, v1);
-        }
-      }
-    }
+    // ---- dK (scaled) and dV: rows row0, row0 + 8 of the 64 keys, this warpgroup's 128 columns.
+    store_dk_dv<T, 16>(p, dk, dv, j0 + row0, c0, sk, k_start, group, h, hk, t);
   }
 #endif  // sm_90a
 }
 
 template <typename T>
 cudaError_t run_hopper_d256_impl(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
-  using Tr = HTraits256;
-  *used = false;
   const bool extras = p.softcap > 0.f || p.alibi != nullptr;
   auto kernel = extras ? (p.deterministic ? bwd_hopper_d256_kernel<T, true, true>
                                           : bwd_hopper_d256_kernel<T, true, false>)
                        : (p.deterministic ? bwd_hopper_d256_kernel<T, false, true>
                                           : bwd_hopper_d256_kernel<T, false, false>);
-  cudaFuncAttributes attr;
-  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
-  if (e != cudaSuccess || attr.binaryVersion < 90) {
-    cudaGetLastError();
-    return cudaSuccess;
-  }
-  if (probe) {
-    *used = true;
-    return cudaSuccess;
-  }
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  if (e != cudaSuccess) return e;
-  *used = true;
-  const int nkb = (p.max_seqlen_k + Tr::Bc - 1) / Tr::Bc;
-  if (nkb == 0 || p.b == 0 || p.h == 0) return cudaSuccess;
-  kernel<<<dim3(nkb, p.h, p.b), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_hopper_bwd<HTraits256>(kernel, p, stream, used, probe);
 }
 
 }  // namespace hopper

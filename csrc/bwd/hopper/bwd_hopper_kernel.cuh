@@ -19,52 +19,11 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../bwd_kernel.cuh"
-#include "wgmma_bwd.cuh"
+#include "bwd_hopper_common.cuh"
 
 namespace flashserve {
 namespace bwd {
 namespace hopper {
-
-// ------------------------------------------------------------------------------------------------
-// wgmma plumbing.
-// Shared-memory matrix descriptor, 128-byte swizzle. lbo / sbo in bytes: K-major: sbo = stride of 8-row groups
-// (lbo unused); MN-major: lbo = stride of 64-element MN panels, sbo = stride of 8-row K groups.
-__device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
-  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
-         ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
-}
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Generic-proxy shared-memory writes (st.shared, cp.async) made visible to the async proxy (wgmma).
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ int ld_acquire(const int* ptr) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
-  return v;
-}
-// Keeps the compiler from moving reads/writes of registers that an in-flight wgmma owns across this point.
-template <int N>
-__device__ __forceinline__ void keep(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int N>
-__device__ __forceinline__ void keep(uint32_t (&r)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
-}
-
-// Byte offset of element (r, c) in a swizzled tile of `rows` rows (see the header comment).
-__device__ __forceinline__ uint32_t swz(int rows, int r, int c) {
-  return (uint32_t)((c >> 6) * rows * 128 + r * 128 + ((((c & 63) >> 3) ^ (r & 7)) << 4) + (c & 7) * 2);
-}
 
 template <int kD_>
 struct HTraits {
@@ -132,14 +91,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
   const int64_t dq_row = (int64_t)p.h * p.d;
 
   // Query blocks [lo, hi) that see any key of K/V block kbx.
-  auto m_range = [&](int kbx, int& lo, int& hi) {
-    const int jx = kbx * Bc;
-    int a = 0, z = sq;
-    if (wr >= 0) a = max(0, jx - diag - wr);
-    if (wl >= 0) z = min(sq, jx + Bc - 1 - diag + wl + 1);
-    lo = a / Br;
-    hi = z > a ? (z + Br - 1) / Br : lo;
-  };
+  auto m_range = [&](int kbx, int& lo, int& hi) { query_block_range<Bc, Br>(kbx, sq, diag, wl, wr, lo, hi); };
 
   // This thread's rows in the m64 accumulator tiles: key (in block) of S^T / dK / dV rows, query of dQ rows.
   const int row0 = wwarp * 16 + g;  // and row0 + 8
@@ -163,36 +115,13 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
     m_range(kb, m_begin, m_end);
 
     auto load_kv = [&]() {
-      constexpr int kChunks = Bc * (kD / 8);
-#pragma unroll
-      for (int c = tid; c < kChunks; c += Tr::kThreads) {
-        const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-        const bool ok = (j0 + r < sk) && (col < p.d);
-        const int rr = ok ? j0 + r : 0, cc = ok ? col : 0;
-        const uint32_t off = swz(Bc, r, col);
-        cp16(sK + off, kg + (int64_t)rr * p.k_row_stride + cc, ok);
-        cp16(sV + off, vg + (int64_t)rr * p.v_row_stride + cc, ok);
-      }
+      load_tile_pair<Bc, kD, Tr::kThreads>(sK, kg, p.k_row_stride, sV, vg, p.v_row_stride, j0, sk, p.d, tid);
     };
     auto load_q = [&](int m, int stage) {
       const int i0 = m * Br;
-      const uint32_t q_s = sQ0 + stage * Tr::kQ, do_s = sdO0 + stage * Tr::kQ;
-      constexpr int kChunks = Br * (kD / 8);
-#pragma unroll
-      for (int c = tid; c < kChunks; c += Tr::kThreads) {
-        const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-        const bool ok = (i0 + r < sq) && (col < p.d);
-        const int rr = ok ? i0 + r : 0, cc = ok ? col : 0;
-        const uint32_t off = swz(Br, r, col);
-        cp16(q_s + off, qg + (int64_t)rr * p.q_row_stride + cc, ok);
-        cp16(do_s + off, dog + (int64_t)rr * p.do_row_stride + cc, ok);
-      }
-      if (tid < Br) {
-        const bool ok = i0 + tid < sq;
-        const int rr = ok ? i0 + tid : 0;
-        cp4(sh_addr(sLse + stage * Br + tid), lseg + rr, ok);
-        cp4(sh_addr(sDs + stage * Br + tid), dsg + rr, ok);
-      }
+      load_tile_pair<Br, kD, Tr::kThreads>(sQ0 + stage * Tr::kQ, qg, p.q_row_stride, sdO0 + stage * Tr::kQ, dog,
+                                           p.do_row_stride, i0, sq, p.d, tid);
+      load_row_stats<Br>(sLse + stage * Br, sDs + stage * Br, lseg, dsg, i0, sq, tid);
     };
 
     float dk[kD / 2], dv[kD / 2];
@@ -210,7 +139,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
     for (int m = m_begin; m < m_end; ++m) {
       const int stage = (m - m_begin) & 1;
       cp_wait_all();
-      fence_async_smem();
+      fence_proxy_async();
       __syncthreads();  // tile m landed for everyone; iteration m - 1 (its wgmma reads included) is done
       if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
       cp_commit();
@@ -222,33 +151,30 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
       // ---- S^T = K_w Q^T, dP^T = V_w dO^T (64 keys x Br queries each), two wgmma groups: P is computed while
       // the tensor cores work on dP^T, and dV's products run while dS is computed.
       float s[Br / 2], dp[Br / 2];
-      wg_fence();
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t ka = (kk >> 2) * Bc * 128 + wg * 64 * 128 + (kk & 3) * 32;
         const uint32_t qa = (kk >> 2) * Br * 128 + (kk & 3) * 32;
-        Wgmma<T, Br>::template ss<0, 0>(s, desc_sw128(sK + ka, 16, 1024), desc_sw128(sQ + qa, 16, 1024), kk > 0);
+        Wgmma<T, Br>::template ss<0, 0>(s, make_desc(sK + ka, 16, 1024), make_desc(sQ + qa, 16, 1024), kk > 0);
       }
-      wg_commit();
+      wgmma_commit();
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t ka = (kk >> 2) * Bc * 128 + wg * 64 * 128 + (kk & 3) * 32;
         const uint32_t qa = (kk >> 2) * Br * 128 + (kk & 3) * 32;
-        Wgmma<T, Br>::template ss<0, 0>(dp, desc_sw128(sV + ka, 16, 1024), desc_sw128(sdO + qa, 16, 1024), kk > 0);
+        Wgmma<T, Br>::template ss<0, 0>(dp, make_desc(sV + ka, 16, 1024), make_desc(sdO + qa, 16, 1024), kk > 0);
       }
-      wg_commit();
+      wgmma_commit();
       if (det && pending >= 0) {
         // Deterministic: release the previous query block. Every thread issued its additions before this
         // iteration's __syncthreads; the fence (cumulative, as in a grid barrier) waits for them while the
         // tensor cores run S^T / dP^T.
-        if (tid == 0) {
-          __threadfence();
-          atomicAdd(sem + pending, 1);
-        }
+        if (tid == 0) release_dq_block(sem, pending);
         pending = -1;
       }
-      wg_wait<1>();
-      keep(s);
+      wgmma_wait<1>();
+      fence_regs(s);
 
       // ---- P^T (packed for dV) and P^T o softcap' (in place of S^T, for dS). Accumulator element e: key
       // key0 + 8 ((e / 2) % 2), query 8 (e / 4) + 2 t + e % 2.
@@ -305,14 +231,14 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
       else softmax(std::false_type{});
 
       // ---- dV += P^T dO (k = Br queries; B = dO, MN-major: panels of 64 head-dim columns).
-      keep(dv);
-      wg_fence();
+      fence_regs(dv);
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < Br / 16; ++kk)
-        Wgmma<T, kD>::template rs<1>(dv, pf[kk], desc_sw128(sdO + kk * 2048, Br * 128, 1024), 1);
-      wg_commit();
-      wg_wait<1>();
-      keep(dp);
+        Wgmma<T, kD>::template rs<1>(dv, pf[kk], make_desc(sdO + kk * 2048, Br * 128, 1024), 1);
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_regs(dp);
 
       // ---- dS^T = P^T o (dP^T - D) (o softcap'), as A fragments and into shared memory (row = key).
 #pragma unroll
@@ -329,28 +255,28 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
         *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, key0, ql)) = dsf[c][hi];
         *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, key0 + 8, ql)) = dsf[c][hi + 1];
       }
-      fence_async_smem();
+      fence_proxy_async();
 
       // ---- dK += dS^T Q.
-      keep(dk);
-      wg_fence();
+      fence_regs(dk);
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < Br / 16; ++kk)
-        Wgmma<T, kD>::template rs<1>(dk, dsf[kk], desc_sw128(sQ + kk * 2048, Br * 128, 1024), 1);
-      wg_commit();
+        Wgmma<T, kD>::template rs<1>(dk, dsf[kk], make_desc(sQ + kk * 2048, Br * 128, 1024), 1);
+      wgmma_commit();
 
       // ---- dQ (this warpgroup's 64 rows x kDQ columns) = dS K (k = 128 keys): A = dS^T tile (MN-major: a
       // 64-query panel), B = K (MN-major: 64-column panels).
-      asm volatile("bar.sync 1, 256;\n" ::: "memory");  // every warpgroup's dS^T is in shared memory
+      named_sync(1, 256);  // every warpgroup's dS^T is in shared memory
       float dq[kDQ / 2];
       const uint32_t a_off = Tr::kSplitQ ? wg * Bc * 128 : 0;  // query panel of this warpgroup
       const uint32_t b_off = Tr::kSplitQ ? 0 : wg * Bc * 128;  // column panel of this warpgroup
-      wg_fence();
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < Bc / 16; ++kk)
-        Wgmma<T, kDQ>::template ss<1, 1>(dq, desc_sw128(sdS + a_off + kk * 2048, Bc * 128, 1024),
-                                         desc_sw128(sK + b_off + kk * 2048, Bc * 128, 1024), kk > 0);
-      wg_commit();
+        Wgmma<T, kDQ>::template ss<1, 1>(dq, make_desc(sdS + a_off + kk * 2048, Bc * 128, 1024),
+                                         make_desc(sK + b_off + kk * 2048, Bc * 128, 1024), kk > 0);
+      wgmma_commit();
       if (det) {
         // Deterministic: the K/V blocks covering query block m add into it one at a time, in a fixed order.
         if (tid == 0) {
@@ -365,98 +291,42 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
           const int target = (rev ? first - kb : kb - first) / ns;  // earlier blocks of this slice
           while (ld_acquire(sem + m) != target) __nanosleep(32);
         }
-        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        named_sync(1, 256);
       }
-      wg_wait<0>();
-      keep(dq);
-      keep(dv);
-      keep(dk);
-      keep(pf);
-      keep(dsf);
+      wgmma_wait<0>();
+      fence_regs(dq);
+      fence_regs(dv);
+      fence_regs(dk);
+      fence_regs(pf);
+      fence_regs(dsf);
 
-      // float4 atomics: lanes t, t ^ 1 swap halves so that each adds 4 consecutive columns of one row.
       const int qrow = i0 + (Tr::kSplitQ ? wg * 64 : 0) + row0 + (t & 1) * 8;
       const int col0 = Tr::kSplitQ ? 0 : wg * kDQ;
-#pragma unroll
-      for (int n = 0; n < kDQ / 8; ++n) {
-        const float s0 = (t & 1) ? dq[n * 4 + 0] : dq[n * 4 + 2];
-        const float s1 = (t & 1) ? dq[n * 4 + 1] : dq[n * 4 + 3];
-        const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1);
-        const float r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
-        const float4 v = (t & 1) ? make_float4(r0, r1, dq[n * 4 + 2], dq[n * 4 + 3])
-                                 : make_float4(dq[n * 4 + 0], dq[n * 4 + 1], r0, r1);
-        const int col = col0 + n * 8 + (t >> 1) * 4;
-        if (qrow < sq && col < p.d) atomicAdd(reinterpret_cast<float4*>(dq_acc + (int64_t)qrow * dq_row + col), v);
-      }
+      atomic_add_dq<kDQ / 8>(dq, dq_acc, dq_row, qrow, col0, sq, p.d, t);
       if (det) pending = m;
     }
     if (det && pending >= 0) {
-      asm volatile("bar.sync 1, 256;\n" ::: "memory");
-      if (tid == 0) {
-        __threadfence();
-        atomicAdd(sem + pending, 1);
-      }
+      named_sync(1, 256);
+      if (tid == 0) release_dq_block(sem, pending);
     }
 
     cp_wait_all();
 
-    // ---- dK (scaled) and dV: element e of n-block n is key key0 + 8 ((e / 2) % 2), column 8 n + 2 t + e % 2.
-    const float sc = p.scale;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int ka = j0 + key0 + half * 8;
-      if (ka >= sk) continue;
-#pragma unroll
-      for (int n = 0; n < kD / 8; ++n) {
-        const int col = n * 8 + 2 * t;
-        if (col >= p.d) continue;
-        const float k0 = dk[n * 4 + 2 * half] * sc, k1 = dk[n * 4 + 2 * half + 1] * sc;
-        const float v0 = dv[n * 4 + 2 * half], v1 = dv[n * 4 + 2 * half + 1];
-        if (group == 1) {
-          const int64_t off = ((int64_t)(k_start + ka) * p.h_k + hk) * p.d + col;
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dk) + off) = Pk::pack(k0, k1);
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + off) = Pk::pack(v0, v1);
-        } else {
-          const int64_t off = ((int64_t)(k_start + ka) * p.h + h) * p.d + col;
-          *reinterpret_cast<float2*>(p.dk_accum + off) = make_float2(k0, k1);
-          *reinterpret_cast<float2*>(p.dv_accum + off) = make_float2(v0, v1);
-        }
-      }
-    }
+    // ---- dK (scaled) and dV: rows key0, key0 + 8 of this warpgroup's 64 keys, all kD columns.
+    store_dk_dv<T, kD / 8>(p, dk, dv, j0 + key0, 0, sk, k_start, group, h, hk, t);
   }
 #endif  // sm_90a
 }
 
-// Launches the Hopper kernel (probe: only says whether it would). *used = false (and nothing launched) when this
-// binary holds no sm_90a code for it.
+// Launches the Hopper kernel for head-dim class kD (probe: only says whether it would).
 template <typename T, int kD>
 cudaError_t run_hopper_impl(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
-  using Tr = HTraits<kD>;
-  *used = false;
   const bool extras = p.softcap > 0.f || p.alibi != nullptr;
   auto kernel = extras ? (p.deterministic ? bwd_hopper_kernel<T, kD, true, true>
                                           : bwd_hopper_kernel<T, kD, true, false>)
                        : (p.deterministic ? bwd_hopper_kernel<T, kD, false, true>
                                           : bwd_hopper_kernel<T, kD, false, false>);
-  cudaFuncAttributes attr;
-  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
-  if (e != cudaSuccess || attr.binaryVersion < 90) {
-    cudaGetLastError();  // clear
-    return cudaSuccess;
-  }
-  if (probe) {
-    *used = true;
-    return cudaSuccess;
-  }
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  if (e != cudaSuccess) return e;
-  *used = true;
-  const int nkb = (p.max_seqlen_k + Tr::Bc - 1) / Tr::Bc;
-  if (nkb == 0 || p.b == 0 || p.h == 0) return cudaSuccess;
-  // Deterministic mode relies on blocks starting in increasing blockIdx.x (x varies fastest): block kb waits
-  // only for blocks kb' < kb of its (head, sequence).
-  kernel<<<dim3(nkb, p.h, p.b), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_hopper_bwd<HTraits<kD>>(kernel, p, stream, used, probe);
 }
 
 }  // namespace hopper

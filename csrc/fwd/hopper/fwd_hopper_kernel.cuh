@@ -13,7 +13,7 @@
 // (fwd_hopper_supports says which calls may come here).
 #pragma once
 #include "../fwd_kernel.cuh"
-#include "wgmma.cuh"
+#include "../../common/hopper/wgmma.cuh"
 
 namespace flashserve {
 namespace hopper {
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_hopper_kerne
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       const uint64_t dv = make_desc(sV(st) + kk * 16 * 128, BN * 128, 1024);
-      Wgmma<T, HD>::rs(acc_o, pa[kk], dv, 1);
+      Wgmma<T, HD>::template rs<1>(acc_o, pa[kk], dv, 1);
     }
     wgmma_commit();
   };
@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) fwd_hopper_kerne
       const uint32_t koff = (ks & 3) * 32;  // 16 columns = 32 B inside a 64-column block
       const uint64_t da = make_desc(sQ + (ks >> 2) * BM * 128 + wg * 64 * 128 + koff, 16, 1024);
       const uint64_t db = make_desc(sK(st) + (ks >> 2) * BN * 128 + koff, 16, 1024);
-      Wgmma<T, BN>::ss(s, da, db, ks > 0 ? 1 : 0);
+      Wgmma<T, BN>::template ss<0, 0>(s, da, db, ks > 0 ? 1 : 0);
     }
     wgmma_commit();
     if (it > 0) {

@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_hopper_ws_kernel(const Fw
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         const uint64_t dv = make_desc(sV(st) + kk * 16 * 128, BN * 128, 1024);
-        Wgmma<T, HD>::rs(acc_o, pa[kk], dv, 1);
+        Wgmma<T, HD>::template rs<1>(acc_o, pa[kk], dv, 1);
       }
       wgmma_commit();
     };
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_hopper_ws_kernel(const Fw
         const uint32_t koff = (ks & 3) * 32;
         const uint64_t da = make_desc(sQ + (ks >> 2) * BM * 128 + cw * 64 * 128 + koff, 16, 1024);
         const uint64_t db = make_desc(sK(st) + (ks >> 2) * BN * 128 + koff, 16, 1024);
-        Wgmma<T, BN>::ss(s, da, db, ks > 0 ? 1 : 0);
+        Wgmma<T, BN>::template ss<0, 0>(s, da, db, ks > 0 ? 1 : 0);
       }
       wgmma_commit();
       if (i > 0) {

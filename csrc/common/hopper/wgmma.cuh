@@ -1,5 +1,7 @@
-// Hopper (sm_90a) helpers: shared-memory matrix descriptors for 128-byte-swizzled tiles and the
-// warpgroup MMA fences. Device bodies exist only for the sm_90a target (wgmma is arch-specific).
+// Hopper (sm_90a) plumbing shared by the forward (csrc/fwd/hopper) and backward (csrc/bwd/hopper) kernels:
+// shared-memory matrix descriptors for 128-byte-swizzled tiles, warpgroup MMA fences, mbarriers, setmaxnreg,
+// named barriers; the MMAs themselves are in the generated wgmma_ops.cuh. Device bodies exist only for the
+// sm_90a target (wgmma is arch-specific); other targets get empty ones so that shared code still compiles.
 #pragma once
 #include <cstdint>
 
@@ -20,8 +22,9 @@ __device__ __forceinline__ uint32_t swz_offset(int row, int chunk) {
   return uint32_t((chunk >> 3) * (ROWS * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
 }
 
-// Descriptor of a 128B-swizzled operand. K-major (Q, K): 8-row groups every 1024 B (SBO); LBO unused.
-// MN-major (V as the B of P V): LBO = bytes between 64-column blocks, SBO = bytes between 8-key groups.
+// Descriptor of a 128B-swizzled operand, lbo / sbo in bytes. K-major (head dim contiguous, e.g. Q, K of
+// S = Q K^T): SBO = stride of 8-row groups (1024 B); LBO unused. MN-major (e.g. V as the B of P V):
+// LBO = bytes between 64-element MN panels, SBO = bytes between 8-row K groups.
 __device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
   uint64_t d = uint64_t((saddr & 0x3FFFF) >> 4);
   d |= uint64_t((lbo >> 4) & 0x3FFF) << 16;
@@ -35,7 +38,7 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-// cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
+// Generic-proxy shared-memory writes (st.shared, cp.async) made visible to the async proxy (wgmma reads).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // mbarriers (shared::cta) for the producer / consumer warpgroups of the warp-specialized kernel.
@@ -92,6 +95,14 @@ template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// Same for register A fragments (N k-chunks of 4 b32) that an in-flight wgmma reads.
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
 }
 
 }  // namespace hopper
