@@ -14,3 +14,15 @@ def test_extension_import_fails_clearly_without_cuda():
     assert create_backend("auto").name == "torch"
     with pytest.raises(RuntimeError, match="flash backend is not available"):
         create_backend("flash")
+
+
+def test_generated_wgmma_header_matches_its_generator():
+    # csrc/common/hopper/wgmma_ops.cuh is generated (and committed): a hand edit or a stale header shows here.
+    import importlib.util
+    from pathlib import Path
+
+    hopper = Path(__file__).resolve().parents[1] / "csrc" / "common" / "hopper"
+    spec = importlib.util.spec_from_file_location("fs_gen_wgmma", hopper / "gen_wgmma.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (hopper / "wgmma_ops.cuh").read_text() == gen.render()
