@@ -447,7 +447,8 @@ def test_dropout_matches_reference_and_philox(fs_C, compiled, causal):
 
 
 def sanitize_cases():
-    """One small case of each kernel: fast, full (features + dropout + return_softmax), split + combine."""
+    """One small case of each kernel: fast, full (features + dropout + return_softmax), split + combine, the Hopper
+    kernels, the decode tile."""
     from flashserve import _C
 
     cfg = _C.compiled_configs()
@@ -460,6 +461,17 @@ def sanitize_cases():
             p_drop=0.2, seed=3, offset=4, return_softmax=True)
     run_fwd(_C, q, k, v, q_lens, k_lens, 0.1, wl=20, wr=5, num_splits=3)
     run_fwd(_C, q, k, v, q_lens, k_lens, 0.1, softcap=2.0, num_splits=2)
+    # The Hopper kernels (sm_90 with a 90a build): the two-warpgroup kernel at class 64, the warp-specialised
+    # one at 128 and 256; elsewhere these calls take the mma.sync kernels again.
+    for hd in (64, 128, 256):
+        if hd in cfg["head_dims"]:
+            qh, kh, vh = rand_inputs(q_lens, k_lens, 2, 1, hd, dtype, 5)
+            run_fwd(_C, qh, kh, vh, q_lens, k_lens, 0.1, causal=True)
+            run_fwd(_C, qh, kh, vh, q_lens, k_lens, 0.1, wl=20, wr=5)
+    # The 64-row decode tile: split-KV with at most 64 queries per sequence.
+    dq_lens, dk_lens = [1, 40, 0], [300, 129, 9]
+    qd, kd, vd = rand_inputs(dq_lens, dk_lens, 2, 1, d, dtype, 6)
+    run_fwd(_C, qd, kd, vd, dq_lens, dk_lens, 0.1, causal=True, num_splits=3)
     print("sanitize cases done")
 
 
