@@ -23,72 +23,11 @@
 #include <cuda_runtime.h>
 
 #include "../common/dropout.cuh"
+#include "../common/ptx.cuh"
 #include "bwd_params.h"
 
 namespace flashserve {
 namespace bwd {
-
-// ------------------------------------------------------------------------------------------------
-// PTX helpers (own copies, namespaced, so this directory builds on its own).
-__device__ __forceinline__ uint32_t sh_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp4(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-template <typename T>
-struct MmaOp;
-template <>
-struct MmaOp<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float x, float y) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-template <>
-struct MmaOp<__half> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float x, float y) {
-    __half2 v = __floats2half2_rn(x, y);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x, -inf -> 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -142,7 +81,6 @@ struct Traits {
 template <typename T, int kD, int kStages, bool kExtras>
 __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
   using Tr = Traits<kD, kStages>;
-  using Mma = MmaOp<T>;
   constexpr int Bc = Tr::Bc, Br = Tr::Br, kRow = Tr::kRow, kPRow = Tr::kPRow;
   constexpr float kLog2e = 1.4426950408889634f;
 
@@ -150,9 +88,9 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
   T* smem = reinterpret_cast<T*>(smem_raw);
   float* sLse = reinterpret_cast<float*>(smem_raw + Tr::kElems * 2);  // [kStages][Br]
   float* sDs = sLse + kStages * Br;                                    // [kStages][Br]
-  const uint32_t sK = sh_addr(smem + Tr::kOffK), sV = sh_addr(smem + Tr::kOffV);
-  const uint32_t sQ0 = sh_addr(smem + Tr::kOffQ), sdO0 = sh_addr(smem + Tr::kOffdO);
-  const uint32_t sP = sh_addr(smem + Tr::kOffP), sdS = sh_addr(smem + Tr::kOffdS);
+  const uint32_t sK = ptx::smem_addr(smem + Tr::kOffK), sV = ptx::smem_addr(smem + Tr::kOffV);
+  const uint32_t sQ0 = ptx::smem_addr(smem + Tr::kOffQ), sdO0 = ptx::smem_addr(smem + Tr::kOffdO);
+  const uint32_t sP = ptx::smem_addr(smem + Tr::kOffP), sdS = ptx::smem_addr(smem + Tr::kOffdS);
   T* sP_ptr = smem + Tr::kOffP;
   T* sdS_ptr = smem + Tr::kOffdS;
 
@@ -221,8 +159,8 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
         const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
         const bool ok = (j0 + r < sk) && (col < p.d);
         const int rr = ok ? j0 + r : 0, cc = ok ? col : 0;
-        cp16(sK + (r * kRow + col) * 2, kg + (int64_t)rr * p.k_row_stride + cc, ok);
-        cp16(sV + (r * kRow + col) * 2, vg + (int64_t)rr * p.v_row_stride + cc, ok);
+        ptx::cp_async16(sK + (r * kRow + col) * 2, kg + (int64_t)rr * p.k_row_stride + cc, ok ? 16 : 0);
+        ptx::cp_async16(sV + (r * kRow + col) * 2, vg + (int64_t)rr * p.v_row_stride + cc, ok ? 16 : 0);
       }
     };
     auto load_q = [&](int m, int stage) {
@@ -233,14 +171,14 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
         const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
         const bool ok = (i0 + r < sq) && (col < p.d);
         const int rr = ok ? i0 + r : 0, cc = ok ? col : 0;
-        cp16(q_s + (r * kRow + col) * 2, qg + (int64_t)rr * p.q_row_stride + cc, ok);
-        cp16(do_s + (r * kRow + col) * 2, dog + (int64_t)rr * p.do_row_stride + cc, ok);
+        ptx::cp_async16(q_s + (r * kRow + col) * 2, qg + (int64_t)rr * p.q_row_stride + cc, ok ? 16 : 0);
+        ptx::cp_async16(do_s + (r * kRow + col) * 2, dog + (int64_t)rr * p.do_row_stride + cc, ok ? 16 : 0);
       }
       if (tid < Br) {
         const bool ok = i0 + tid < sq;
         const int rr = ok ? i0 + tid : 0;
-        cp4(sh_addr(sLse + stage * Br + tid), lseg + rr, ok);
-        cp4(sh_addr(sDs + stage * Br + tid), dsg + rr, ok);
+        ptx::cp_async4(ptx::smem_addr(sLse + stage * Br + tid), lseg + rr, ok ? 4 : 0);
+        ptx::cp_async4(ptx::smem_addr(sDs + stage * Br + tid), dsg + rr, ok ? 4 : 0);
       }
     };
 
@@ -255,7 +193,7 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
     if (m_begin < m_end) {
       load_kv();
       load_q(m_begin, 0);
-      cp_commit();
+      ptx::cp_async_commit();
     }
 
     for (int m = m_begin; m < m_end; ++m) {
@@ -263,17 +201,17 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
       int stage = 0;
       if constexpr (kStages == 2) {
         stage = it & 1;
-        cp_wait_all();
+        ptx::cp_async_wait<0>();
         __syncthreads();  // this tile landed; everyone is done with the previous iteration
         if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
-        cp_commit();
+        ptx::cp_async_commit();
       } else {
         if (it > 0) {
           __syncthreads();  // everyone is done with the previous tile
           load_q(m, 0);
-          cp_commit();
+          ptx::cp_async_commit();
         }
-        cp_wait_all();
+        ptx::cp_async_wait<0>();
         __syncthreads();
       }
       const uint32_t sQ = sQ0 + stage * Br * kRow * 2, sdO = sdO0 + stage * Br * kRow * 2;
@@ -294,20 +232,20 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
         uint32_t a[Tr::MT][4], av[Tr::MT][4];
 #pragma unroll
         for (int mi = 0; mi < Tr::MT; ++mi) {
-          ldsm4(a[mi], sK + ((kw0 + mi * 16 + lrow_a) * kRow + kk * 16 + lcol_a) * 2);
-          ldsm4(av[mi], sV + ((kw0 + mi * 16 + lrow_a) * kRow + kk * 16 + lcol_a) * 2);
+          ptx::ldmatrix_x4(a[mi], sK + ((kw0 + mi * 16 + lrow_a) * kRow + kk * 16 + lcol_a) * 2);
+          ptx::ldmatrix_x4(av[mi], sV + ((kw0 + mi * 16 + lrow_a) * kRow + kk * 16 + lcol_a) * 2);
         }
 #pragma unroll
         for (int np = 0; np < Tr::QW / 16; ++np) {
           uint32_t bq[4], bo[4];
-          ldsm4(bq, sQ + ((qw0 + np * 16 + lrow_b) * kRow + kk * 16 + lcol_b) * 2);
-          ldsm4(bo, sdO + ((qw0 + np * 16 + lrow_b) * kRow + kk * 16 + lcol_b) * 2);
+          ptx::ldmatrix_x4(bq, sQ + ((qw0 + np * 16 + lrow_b) * kRow + kk * 16 + lcol_b) * 2);
+          ptx::ldmatrix_x4(bo, sdO + ((qw0 + np * 16 + lrow_b) * kRow + kk * 16 + lcol_b) * 2);
 #pragma unroll
           for (int mi = 0; mi < Tr::MT; ++mi) {
-            Mma::run(s[mi][2 * np], a[mi], bq[0], bq[1]);
-            Mma::run(s[mi][2 * np + 1], a[mi], bq[2], bq[3]);
-            Mma::run(dp[mi][2 * np], av[mi], bo[0], bo[1]);
-            Mma::run(dp[mi][2 * np + 1], av[mi], bo[2], bo[3]);
+            ptx::mma16816<T>(s[mi][2 * np], a[mi], bq[0], bq[1]);
+            ptx::mma16816<T>(s[mi][2 * np + 1], a[mi], bq[2], bq[3]);
+            ptx::mma16816<T>(dp[mi][2 * np], av[mi], bo[0], bo[1]);
+            ptx::mma16816<T>(dp[mi][2 * np + 1], av[mi], bo[2], bo[3]);
           }
         }
       }
@@ -364,9 +302,9 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
                   logit = x * scale_log2;
                 }
                 if (p.alibi) logit -= alibi_log2 * fabsf((float)(qi + diag - kj));
-                pr = fast_exp2(logit - l2[e & 1]);
+                pr = ptx::ex2(logit - l2[e & 1]);
               } else {
-                pr = fast_exp2(fmaf(x, scale_log2, -l2[e & 1]));
+                pr = ptx::ex2(fmaf(x, scale_log2, -l2[e & 1]));
               }
               if constexpr (!kFull) {
                 const int kj = j0 + kr0 + g + (e >> 1) * 8;
@@ -394,10 +332,10 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
             }
             (void)keep_bits;
             const int r0 = kr0 + g;
-            *reinterpret_cast<uint32_t*>(sP_ptr + r0 * kPRow + ql) = Mma::pack(pv[0], pv[1]);
-            *reinterpret_cast<uint32_t*>(sP_ptr + (r0 + 8) * kPRow + ql) = Mma::pack(pv[2], pv[3]);
-            *reinterpret_cast<uint32_t*>(sdS_ptr + r0 * kPRow + ql) = Mma::pack(dsv[0], dsv[1]);
-            *reinterpret_cast<uint32_t*>(sdS_ptr + (r0 + 8) * kPRow + ql) = Mma::pack(dsv[2], dsv[3]);
+            *reinterpret_cast<uint32_t*>(sP_ptr + r0 * kPRow + ql) = ptx::pack2<T>(pv[0], pv[1]);
+            *reinterpret_cast<uint32_t*>(sP_ptr + (r0 + 8) * kPRow + ql) = ptx::pack2<T>(pv[2], pv[3]);
+            *reinterpret_cast<uint32_t*>(sdS_ptr + r0 * kPRow + ql) = ptx::pack2<T>(dsv[0], dsv[1]);
+            *reinterpret_cast<uint32_t*>(sdS_ptr + (r0 + 8) * kPRow + ql) = ptx::pack2<T>(dsv[2], dsv[3]);
           }
         }
       };
@@ -411,20 +349,20 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
         uint32_t ap[Tr::MT][4], as[Tr::MT][4];
 #pragma unroll
         for (int mi = 0; mi < Tr::MT; ++mi) {
-          ldsm4(ap[mi], sP + ((kw0 + mi * 16 + lrow_a) * kPRow + kk * 16 + lcol_a) * 2);
-          ldsm4(as[mi], sdS + ((kw0 + mi * 16 + lrow_a) * kPRow + kk * 16 + lcol_a) * 2);
+          ptx::ldmatrix_x4(ap[mi], sP + ((kw0 + mi * 16 + lrow_a) * kPRow + kk * 16 + lcol_a) * 2);
+          ptx::ldmatrix_x4(as[mi], sdS + ((kw0 + mi * 16 + lrow_a) * kPRow + kk * 16 + lcol_a) * 2);
         }
 #pragma unroll
         for (int np = 0; np < Tr::DW / 16; ++np) {
           uint32_t bo[4], bq[4];
-          ldsm4t(bo, sdO + ((kk * 16 + lrow_a) * kRow + dw0 + np * 16 + lcol_a) * 2);
-          ldsm4t(bq, sQ + ((kk * 16 + lrow_a) * kRow + dw0 + np * 16 + lcol_a) * 2);
+          ptx::ldmatrix_x4_trans(bo, sdO + ((kk * 16 + lrow_a) * kRow + dw0 + np * 16 + lcol_a) * 2);
+          ptx::ldmatrix_x4_trans(bq, sQ + ((kk * 16 + lrow_a) * kRow + dw0 + np * 16 + lcol_a) * 2);
 #pragma unroll
           for (int mi = 0; mi < Tr::MT; ++mi) {
-            Mma::run(dv[mi][2 * np], ap[mi], bo[0], bo[1]);
-            Mma::run(dv[mi][2 * np + 1], ap[mi], bo[2], bo[3]);
-            Mma::run(dk[mi][2 * np], as[mi], bq[0], bq[1]);
-            Mma::run(dk[mi][2 * np + 1], as[mi], bq[2], bq[3]);
+            ptx::mma16816<T>(dv[mi][2 * np], ap[mi], bo[0], bo[1]);
+            ptx::mma16816<T>(dv[mi][2 * np + 1], ap[mi], bo[2], bo[3]);
+            ptx::mma16816<T>(dk[mi][2 * np], as[mi], bq[0], bq[1]);
+            ptx::mma16816<T>(dk[mi][2 * np + 1], as[mi], bq[2], bq[3]);
           }
         }
       }
@@ -440,13 +378,13 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
 #pragma unroll
         for (int kk = 0; kk < Bc / 16; ++kk) {
           uint32_t a[4];
-          ldsm4t(a, sdS + ((kk * 16 + lrow_b) * kPRow + qm0 + lcol_b) * 2);
+          ptx::ldmatrix_x4_trans(a, sdS + ((kk * 16 + lrow_b) * kPRow + qm0 + lcol_b) * 2);
 #pragma unroll
           for (int np = 0; np < Tr::DQC / 16; ++np) {
             uint32_t bk[4];
-            ldsm4t(bk, sK + ((kk * 16 + lrow_a) * kRow + dq0 + c0 + np * 16 + lcol_a) * 2);
-            Mma::run(acc[2 * np], a, bk[0], bk[1]);
-            Mma::run(acc[2 * np + 1], a, bk[2], bk[3]);
+            ptx::ldmatrix_x4_trans(bk, sK + ((kk * 16 + lrow_a) * kRow + dq0 + c0 + np * 16 + lcol_a) * 2);
+            ptx::mma16816<T>(acc[2 * np], a, bk[0], bk[1]);
+            ptx::mma16816<T>(acc[2 * np + 1], a, bk[2], bk[3]);
           }
         }
         const int qa = i0 + qm0 + g;
@@ -461,7 +399,7 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
       }
     }
 
-    cp_wait_all();  // nothing in flight past this block (the last prefetch group is empty)
+    ptx::cp_async_wait<0>();  // nothing in flight past this block (the last prefetch group is empty)
 
     // ---- Write dK (scaled) and dV for this warp's keys: element (mi, n, e) is key kw0 + 16 mi + g + 8 (e / 2),
     // column dw0 + 8 n + 2 t + e % 2.
@@ -480,8 +418,8 @@ __global__ void __launch_bounds__(256, 1) bwd_main_kernel(const BwdParams p) {
           const float v0 = dv[mi][n][2 * half], v1 = dv[mi][n][2 * half + 1];
           if (group == 1) {
             const int64_t off = ((int64_t)(k_start + ka) * p.h_k + hk) * p.d + col;
-            *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dk) + off) = Mma::pack(k0, k1);
-            *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + off) = Mma::pack(v0, v1);
+            *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dk) + off) = ptx::pack2<T>(k0, k1);
+            *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + off) = ptx::pack2<T>(v0, v1);
           } else {
             // GQA: fp32 per query head; the postprocess sums the group in a fixed order.
             const int64_t off = ((int64_t)(k_start + ka) * p.h + h) * p.d + col;

@@ -20,7 +20,7 @@
 
 #include "../common/dropout.cuh"
 #include "fwd_params.h"
-#include "ptx.cuh"
+#include "../common/ptx.cuh"
 
 namespace flashserve {
 
@@ -548,22 +548,25 @@ inline void fwd_check(cudaError_t e, const char* what) {
     throw std::runtime_error(std::string("flashserve fwd: ") + what + ": " + cudaGetErrorString(e));
 }
 
+// Raises kKernel's dynamic shared-memory limit to smem bytes, once per device: a driver call on every launch
+// costs microseconds on short launches. A template argument, so each kernel keeps its own flags.
+template <auto kKernel>
+void raise_smem_limit_once(int smem, const char* what) {
+  static bool done[64] = {false};
+  int dev = 0;
+  fwd_check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev >= 0 && dev < 64 && done[dev]) return;
+  fwd_check(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
+  if (dev >= 0 && dev < 64) done[dev] = true;
+}
+
 template <typename T, typename Tr, bool kFull, bool kSplit>
 void launch_fwd_tr(const FwdParams& p, cudaStream_t stream) {
   constexpr int HD = Tr::HD;
   auto kernel = fwd_kernel<T, Tr, kFull, kSplit>;
   constexpr int smem = Tr::kSmemBytes;
-  if (smem > 48 * 1024) {
-    // Once per device (a driver call per launch costs microseconds on short launches).
-    static bool done[64] = {false};
-    int dev = 0;
-    fwd_check(cudaGetDevice(&dev), "cudaGetDevice");
-    if (dev < 0 || dev >= 64 || !done[dev]) {
-      fwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-                "cudaFuncSetAttribute(max dynamic shared memory)");
-      if (dev >= 0 && dev < 64) done[dev] = true;
-    }
-  }
+  if (smem > 48 * 1024)
+    raise_smem_limit_once<fwd_kernel<T, Tr, kFull, kSplit>>(smem, "cudaFuncSetAttribute(max dynamic shared memory)");
   const int splits = kSplit ? p.num_splits : 1;
   dim3 grid(ceil_div(p.max_seqlen_q, Tr::BM), p.h, p.b * splits);
   if (grid.x == 0 || p.b == 0) return;

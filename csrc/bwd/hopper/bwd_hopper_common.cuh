@@ -59,8 +59,8 @@ __device__ __forceinline__ void load_tile_pair(uint32_t sa, const T* ga, const i
     const bool ok = (row0 + r < nrows) && (col < d);
     const int rr = ok ? row0 + r : 0, cc = ok ? col : 0;
     const uint32_t off = swz(ROWS, r, col);
-    cp16(sa + off, ga + (int64_t)rr * stride_a + cc, ok);
-    cp16(sb + off, gb + (int64_t)rr * stride_b + cc, ok);
+    ptx::cp_async16(sa + off, ga + (int64_t)rr * stride_a + cc, ok ? 16 : 0);
+    ptx::cp_async16(sb + off, gb + (int64_t)rr * stride_b + cc, ok ? 16 : 0);
   }
 }
 
@@ -71,8 +71,8 @@ __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_d, const f
   if (tid < ROWS) {
     const bool ok = row0 + tid < nrows;
     const int rr = ok ? row0 + tid : 0;
-    cp4(sh_addr(s_lse + tid), lse + rr, ok);
-    cp4(sh_addr(s_d + tid), dsum + rr, ok);
+    ptx::cp_async4(ptx::smem_addr(s_lse + tid), lse + rr, ok ? 4 : 0);
+    ptx::cp_async4(ptx::smem_addr(s_d + tid), dsum + rr, ok ? 4 : 0);
   }
 }
 
@@ -110,7 +110,6 @@ template <typename T, int kN8>
 __device__ __forceinline__ void store_dk_dv(const BwdParams& p, const float (&dk)[kN8 * 4],
                                             const float (&dv)[kN8 * 4], int key_row, int col0, int sk, int k_start,
                                             int group, int h, int hk, int t) {
-  using Pk = MmaOp<T>;
   const float sc = p.scale;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -124,8 +123,8 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, const float (&dk
       const float v0 = dv[n * 4 + 2 * half], v1 = dv[n * 4 + 2 * half + 1];
       if (group == 1) {
         const int64_t off = ((int64_t)(k_start + ka) * p.h_k + hk) * p.d + col;
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dk) + off) = Pk::pack(k0, k1);
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + off) = Pk::pack(v0, v1);
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dk) + off) = ptx::pack2<T>(k0, k1);
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<T*>(p.dv) + off) = ptx::pack2<T>(v0, v1);
       } else {
         const int64_t off = ((int64_t)(k_start + ka) * p.h + h) * p.d + col;
         *reinterpret_cast<float2*>(p.dk_accum + off) = make_float2(k0, k1);

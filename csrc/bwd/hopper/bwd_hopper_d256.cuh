@@ -36,12 +36,11 @@ template <typename T, bool kExtras, bool kDet>
 __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = HTraits256;
-  using Pk = MmaOp<T>;
   constexpr int kD = Tr::kD, Bc = Tr::Bc, Br = Tr::Br;
   constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const uint32_t raw = sh_addr(smem_raw);
+  const uint32_t raw = ptx::smem_addr(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
   unsigned char* base_ptr = smem_raw + (base - raw);
   const uint32_t sK = base + Tr::kOffK, sV = base + Tr::kOffV;
@@ -115,18 +114,18 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
     if (m_begin < m_end) {
       load_kv();
       load_q(m_begin, 0);
-      cp_commit();
+      ptx::cp_async_commit();
     }
 
     int pending = -1;
     int first = rev ? kb : 0;
     for (int m = m_begin; m < m_end; ++m) {
       const int stage = (m - m_begin) & 1;
-      cp_wait_all();
+      ptx::cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();  // tile m landed; iteration m - 1 (wgmma reads of Q/dO/P/dS included) is done
       if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
-      cp_commit();
+      ptx::cp_async_commit();
       const uint32_t sQ = sQ0 + stage * Tr::kQ, sdO = sdO0 + stage * Tr::kQ;
       const float* lse_s = sLse + stage * Br;
       const float* ds_s = sDs + stage * Br;
@@ -185,10 +184,10 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
                 logit = x * scale_log2;
               }
               if (p.alibi) logit -= alibi_log2 * fabsf((float)(qi + diag - kj));
-              pr = fast_exp2(logit - l2[e & 1]);
+              pr = ptx::ex2(logit - l2[e & 1]);
               grad = 1.f - th * th;
             } else {
-              pr = fast_exp2(fmaf(x, scale_log2, -l2[e & 1]));
+              pr = ptx::ex2(fmaf(x, scale_log2, -l2[e & 1]));
             }
             if constexpr (!kFull) {
               const bool vis =
@@ -201,8 +200,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
             (void)kj;
             (void)qi;
           }
-          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0, ql)) = Pk::pack(pv[0], pv[1]);
-          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0 + 8, ql)) = Pk::pack(pv[2], pv[3]);
+          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0, ql)) = ptx::pack2<T>(pv[0], pv[1]);
+          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0 + 8, ql)) = ptx::pack2<T>(pv[2], pv[3]);
         }
       };
       if (full) softmax(std::true_type{});
@@ -219,8 +218,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
         float dsv[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) dsv[e] = s[n * 4 + e] * (dp[n * 4 + e] - dval[e & 1]);
-        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0, ql)) = Pk::pack(dsv[0], dsv[1]);
-        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0 + 8, ql)) = Pk::pack(dsv[2], dsv[3]);
+        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0, ql)) = ptx::pack2<T>(dsv[0], dsv[1]);
+        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0 + 8, ql)) = ptx::pack2<T>(dsv[2], dsv[3]);
       }
       fence_proxy_async();
       named_sync(1, 256);  // both warpgroups' P^T and dS^T are in shared memory
@@ -274,7 +273,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
       if (tid == 0) release_dq_block(sem, pending);
     }
 
-    cp_wait_all();
+    ptx::cp_async_wait<0>();
 
     // ---- dK (scaled) and dV: rows row0, row0 + 8 of the 64 keys, this warpgroup's 128 columns.
     store_dk_dv<T, 16>(p, dk, dv, j0 + row0, c0, sk, k_start, group, h, hk, t);

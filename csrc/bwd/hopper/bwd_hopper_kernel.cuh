@@ -45,12 +45,11 @@ template <typename T, int kD, bool kExtras, bool kDet>
 __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = HTraits<kD>;
-  using Pk = MmaOp<T>;
   constexpr int Bc = Tr::Bc, Br = Tr::Br, kDQ = Tr::kDQ;
   constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  const uint32_t raw = sh_addr(smem_raw);
+  const uint32_t raw = ptx::smem_addr(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
   unsigned char* base_ptr = smem_raw + (base - raw);
   const uint32_t sK = base + Tr::kOffK, sV = base + Tr::kOffV;
@@ -131,18 +130,18 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
     if (m_begin < m_end) {
       load_kv();
       load_q(m_begin, 0);
-      cp_commit();
+      ptx::cp_async_commit();
     }
 
     int pending = -1;  // deterministic: query block whose dQ additions are issued but not yet released
     int first = rev ? kb : 0;  // deterministic: see the wait below
     for (int m = m_begin; m < m_end; ++m) {
       const int stage = (m - m_begin) & 1;
-      cp_wait_all();
+      ptx::cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();  // tile m landed for everyone; iteration m - 1 (its wgmma reads included) is done
       if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
-      cp_commit();
+      ptx::cp_async_commit();
       const uint32_t sQ = sQ0 + stage * Tr::kQ, sdO = sdO0 + stage * Tr::kQ;
       const float* lse_s = sLse + stage * Br;
       const float* ds_s = sDs + stage * Br;
@@ -205,10 +204,10 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
                 logit = x * scale_log2;
               }
               if (p.alibi) logit -= alibi_log2 * fabsf((float)(qi + diag - kj));
-              pr = fast_exp2(logit - l2[e & 1]);
+              pr = ptx::ex2(logit - l2[e & 1]);
               grad = 1.f - th * th;
             } else {
-              pr = fast_exp2(fmaf(x, scale_log2, -l2[e & 1]));
+              pr = ptx::ex2(fmaf(x, scale_log2, -l2[e & 1]));
             }
             if constexpr (!kFull) {
               const bool vis =
@@ -223,8 +222,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
           }
           // A fragment of k-chunk n / 2: regs {0,1} from n-block 2c (rows g, g + 8), {2,3} from 2c + 1.
           const int c = n >> 1, hi = (n & 1) * 2;
-          pf[c][hi] = Pk::pack(pv[0], pv[1]);
-          pf[c][hi + 1] = Pk::pack(pv[2], pv[3]);
+          pf[c][hi] = ptx::pack2<T>(pv[0], pv[1]);
+          pf[c][hi + 1] = ptx::pack2<T>(pv[2], pv[3]);
         }
       };
       if (full) softmax(std::true_type{});
@@ -250,8 +249,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) dsv[e] = s[n * 4 + e] * (dp[n * 4 + e] - dval[e & 1]);
         const int c = n >> 1, hi = (n & 1) * 2;
-        dsf[c][hi] = Pk::pack(dsv[0], dsv[1]);
-        dsf[c][hi + 1] = Pk::pack(dsv[2], dsv[3]);
+        dsf[c][hi] = ptx::pack2<T>(dsv[0], dsv[1]);
+        dsf[c][hi + 1] = ptx::pack2<T>(dsv[2], dsv[3]);
         *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, key0, ql)) = dsf[c][hi];
         *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, key0 + 8, ql)) = dsf[c][hi + 1];
       }
@@ -310,7 +309,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
       if (tid == 0) release_dq_block(sem, pending);
     }
 
-    cp_wait_all();
+    ptx::cp_async_wait<0>();
 
     // ---- dK (scaled) and dV: rows key0, key0 + 8 of this warpgroup's 64 keys, all kD columns.
     store_dk_dv<T, kD / 8>(p, dk, dv, j0 + key0, 0, sk, k_start, group, h, hk, t);

@@ -330,14 +330,8 @@ void launch_fwd_hopper_plain(const FwdParams& p, cudaStream_t stream) {
   using Tr = typename hopper::HopperConfig<HD>::Traits;
   auto kernel = hopper::fwd_hopper_kernel<T, Tr>;
   constexpr int smem = Tr::kSmemBytes;
-  static bool done[64] = {false};  // raise the dynamic smem limit once per device
-  int dev = 0;
-  fwd_check(cudaGetDevice(&dev), "cudaGetDevice");
-  if (dev < 0 || dev >= 64 || !done[dev]) {
-    fwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-              "cudaFuncSetAttribute(max dynamic shared memory, hopper)");
-    if (dev >= 0 && dev < 64) done[dev] = true;
-  }
+  raise_smem_limit_once<hopper::fwd_hopper_kernel<T, Tr>>(smem,
+      "cudaFuncSetAttribute(max dynamic shared memory, hopper)");
   dim3 grid(ceil_div(p.max_seqlen_q, Tr::BM), p.h, p.b);
   if (grid.x == 0 || p.b == 0) return;
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p);

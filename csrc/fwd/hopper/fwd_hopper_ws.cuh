@@ -234,14 +234,8 @@ void launch_fwd_hopper_ws(const FwdParams& p, cudaStream_t stream) {
   using Tr = typename hopper::WsConfig<HD>::Traits;
   auto kernel = hopper::fwd_hopper_ws_kernel<T, Tr, kPingPong>;
   constexpr int smem = Tr::kSmemBytes;
-  static bool done[64] = {false};  // raise the dynamic smem limit once per device
-  int dev = 0;
-  fwd_check(cudaGetDevice(&dev), "cudaGetDevice");
-  if (dev < 0 || dev >= 64 || !done[dev]) {
-    fwd_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-              "cudaFuncSetAttribute(max dynamic shared memory, hopper ws)");
-    if (dev >= 0 && dev < 64) done[dev] = true;
-  }
+  raise_smem_limit_once<hopper::fwd_hopper_ws_kernel<T, Tr, kPingPong>>(smem,
+      "cudaFuncSetAttribute(max dynamic shared memory, hopper ws)");
   dim3 grid(ceil_div(p.max_seqlen_q, Tr::BM), p.h, p.b);
   if (grid.x == 0 || p.b == 0) return;
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p);

@@ -1,4 +1,5 @@
-// Thin inline-PTX helpers shared by the forward kernels (sm_80+: mma.sync, ldmatrix, cp.async).
+// Thin inline-PTX helpers shared by the mma.sync forward and backward kernels (sm_80+: mma.sync, ldmatrix,
+// cp.async).
 #pragma once
 #include <cstdint>
 #include <cuda_bf16.h>
@@ -14,6 +15,10 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 // 16-byte async copy global->shared; bytes beyond src_bytes (0 or 16) are zero-filled.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+// 4-byte async copy global->shared (row statistics); 0 src_bytes zero-fills.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
