@@ -24,7 +24,7 @@ from .backends import Backend, create_backend
 from .config import ServerConfig
 from .residuals import ResidualStore
 from .scheduler import Scheduler
-from .shm import ShmTransport
+from .shm import HostPinner, ShmTransport
 from .service import SERVICE_NAME, AttentionService, add_to_server
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,10 @@ async def build_server(config: ServerConfig, backend: Optional[Backend] = None) 
     server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
     scheduler = make_scheduler(backend, config)
     residuals = ResidualStore(config.residual_bytes, config.residual_ttl_s) if config.residual_bytes > 0 else None
-    shm = ShmTransport(scheduler.allocate) if config.allow_shm else None
+    shm = None
+    if config.allow_shm:
+        pin = backend.device.type == "cuda" and config.shm_pin_bytes > 0
+        shm = ShmTransport(scheduler.allocate, HostPinner(config.shm_pin_bytes) if pin else None)
     service = AttentionService(backend, config, scheduler, residuals=residuals, shm=shm)
     scheduler.upstream = lambda: service.in_flight  # lets the batcher skip its delay when no one else is sending
     add_to_server(service, server)  # the generated registration, with the fast frame codec

@@ -25,6 +25,7 @@ class ServerConfig:
     batch_tokens: int = dataclasses.field(default=32768, metadata={"help": "token budget of one batched launch (0: no batching)"})
     batch_delay_us: int = dataclasses.field(default=500, metadata={"help": "max time a request waits to be batched"})
     allow_shm: bool = dataclasses.field(default=False, metadata={"help": "accept same-host shared-memory tensors"})
+    shm_pin_bytes: int = dataclasses.field(default=8 << 30, metadata={"help": "client shared memory a CUDA server may page-lock for direct GPU copies (0: copy through staging)"})
     residual_bytes: int = dataclasses.field(default=4 << 30, metadata={"help": "memory budget for residuals kept for backward"})
     residual_ttl_s: float = dataclasses.field(default=300.0, metadata={"help": "seconds residuals are kept"})
     token: str = dataclasses.field(default="", metadata={"help": "bearer token clients must send (empty: none)"})

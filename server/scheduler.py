@@ -53,6 +53,9 @@ class Job:
     prepare: Optional[Callable[[], None]] = None
     finish: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None
     output_descs: Optional[list] = None  # set by a `finish` that wrote the outputs into shared memory
+    # On CUDA: (name, device tensor) -> a page-locked host tensor to copy that output into (a slice of the
+    # client's shared-memory region), or None for staging. Lets the result skip the staging copy.
+    output_dest: Optional[Callable[[str, torch.Tensor], Optional[torch.Tensor]]] = None
 
     def batch_key(self):
         """Jobs with equal keys may share one kernel launch."""
@@ -176,6 +179,22 @@ def _split(jobs: List[Job], outputs: Dict[str, torch.Tensor]) -> List[Dict[str, 
     return results
 
 
+def _copy_to_host(name: str, t: torch.Tensor, allocate, dest=None) -> torch.Tensor:
+    """Queue the device-to-host copy of one output (current stream) into dest's place or a pinned buffer."""
+    dst = None
+    if dest is not None:
+        try:
+            dst = dest(name, t)
+        except Exception:  # noqa: BLE001 - the job's finish reports what is wrong with its region
+            dst = None
+    if dst is None:
+        nbytes = t.numel() * t.element_size()
+        buf = allocate(nbytes) if allocate is not None else torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = buf[:nbytes].view(t.dtype).view(t.shape)
+    dst.copy_(t, non_blocking=True)
+    return dst
+
+
 def execute_batch(backend: Backend, jobs: List[Job], stats: Optional[Stats] = None,
                   allocate: Optional[Callable[[int], torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
     """Compute jobs of one batch key with one backend call; outputs in host memory, one dict per job.
@@ -233,25 +252,21 @@ def execute_batch(backend: Backend, jobs: List[Job], stats: Optional[Stats] = No
             outputs = _call_backend(backend, jobs[0].op, x, params, jobs[0].return_softmax)
         stats.add(requests=n, batched_launches=int(n > 1))
         t2 = time.perf_counter()
-        # -- copy out: one device-to-host copy per output, into pinned buffers
+        # -- copy out: one device-to-host copy per output, into pinned buffers (or straight into the page-locked
+        # place a job's output_dest names); a batch whose members name places is copied out per member
         if cuda:
-            host = {}
+            direct = n > 1 and any(j.output_dest is not None for j in jobs)
             with torch.cuda.stream(d2h):
                 d2h.wait_stream(comp)
-                for name, t in outputs.items():
-                    if t is None:
-                        continue
-                    nbytes = t.numel() * t.element_size()
-                    buf = allocate(nbytes) if allocate is not None else torch.empty(nbytes, dtype=torch.uint8,
-                                                                                     pin_memory=True)
-                    dst = buf[:nbytes].view(t.dtype).view(t.shape)
-                    dst.copy_(t, non_blocking=True)
-                    host[name] = dst
+                per_job = _split(jobs, outputs) if direct else [outputs]
+                hosts = [{name: _copy_to_host(name, t, allocate, jobs[i].output_dest if direct or n == 1 else None)
+                          for name, t in outs.items() if t is not None} for i, outs in enumerate(per_job)]
             d2h.synchronize()
-            stats.add(d2h_copies=len(host))
+            stats.add(d2h_copies=sum(len(h) for h in hosts))
+            results = hosts if direct else ([hosts[0]] if n == 1 else _split(jobs, hosts[0]))
         else:
             host = {name: _to_host(t) for name, t in outputs.items() if t is not None}
-        results = [host] if n == 1 else _split(jobs, host)
+            results = [host] if n == 1 else _split(jobs, host)
     except torch.cuda.OutOfMemoryError:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            "the GPU ran out of memory for this request; retry later or send less at once") from None

@@ -131,10 +131,11 @@ class AttentionService(pb_grpc.AttentionServicer):
         metrics.IN_FLIGHT.inc()
         lease = self.pool.lease() if self.pool is not None else None
         tensors = job = outputs = None
+        holds = []  # pinned shared-memory regions this call's GPU copies use (released at the end)
         admitted = [0]  # bytes this call added to self.inflight_bytes (set by _receive once the header is checked)
         try:
             header, tensors, shapes, params, received_s, deferred = await self._receive(
-                operation, request_iterator, lease, admitted)
+                operation, request_iterator, lease, admitted, holds)
             remaining = context.time_remaining()
             job = Job(op="forward" if operation == pb.FORWARD else "backward", tensors=tensors, params=params,
                       shapes=shapes, return_softmax=header.params.return_softmax and operation == pb.FORWARD,
@@ -145,6 +146,7 @@ class AttentionService(pb_grpc.AttentionServicer):
             keeps = operation == pb.FORWARD and header.keep_residuals and self.residuals is not None
             if header.output_region and self.shm is not None and not keeps:
                 job.finish = functools.partial(self._write_outputs, job, header)
+                job.output_dest = self.shm.output_placer(header, holds)
             if operation == pb.BACKWARD and header.residual_handle:
                 self._attach_residuals(job, header.residual_handle)
             outputs = await self.scheduler.run(job)
@@ -176,7 +178,9 @@ class AttentionService(pb_grpc.AttentionServicer):
         finally:
             self.inflight_bytes -= admitted[0]
             if job is not None:
-                job.prepare = job.finish = None  # they reference the job: break the cycle so buffers come back
+                job.prepare = job.finish = job.output_dest = None  # they reference the job: break the cycle
+            if holds:
+                self.shm.release(holds)
             if lease is not None:
                 tensors = job = outputs = None  # our references go first; buffers anyone else holds stay out
                 lease.release()
@@ -196,7 +200,7 @@ class AttentionService(pb_grpc.AttentionServicer):
         self.inflight_bytes += nbytes
         admitted[0] = nbytes
 
-    async def _receive(self, operation, request_iterator, lease=None, admitted=None):
+    async def _receive(self, operation, request_iterator, lease=None, admitted=None, holds=None):
         # pinned staging on CUDA, pooled buffers on CPU
         asm = TensorAssembler(lease.allocate if lease is not None else getattr(self.scheduler, "allocate", None))
         shapes = params = None
@@ -258,12 +262,20 @@ class AttentionService(pb_grpc.AttentionServicer):
             # A CPU backend reads the large tensors of a sealed memfd in place (no copy): the client holds that
             # region for the whole call and it cannot shrink; their values only affect the client's own rows.
             # Not when they are kept as residuals past the call.
+            # A CUDA backend does the same from regions it could page-lock: the host-to-device copy then reads
+            # the client's memory directly (`holds` keeps them pinned until the call ends).
             borrow = set()
-            if large and lease is not None and not (asm.header.keep_residuals and self.residuals is not None):
+            if large and (lease is not None or self.shm.pinner is not None) and not (
+                    asm.header.keep_residuals and self.residuals is not None):
                 borrow = {d.name for d in shm_descs if d.name in large and is_memfd_name(d.shm.region)}
-                large -= borrow
-            tensors.update(self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - large,
-                                                borrow=borrow))
+            pinned = set()
+            if borrow and lease is None:  # CUDA: what cannot be pinned is read by the worker, as below
+                got = self.shm.read_inputs(asm.header, names=borrow, borrow=borrow, holds=holds)
+                tensors.update(got)
+                pinned, borrow = set(got), set()
+            large -= borrow | pinned
+            tensors.update(self.shm.read_inputs(asm.header, allocate, borrow=borrow,
+                                                names={d.name for d in shm_descs} - large - pinned))
             if large:
                 self.shm.read_inputs(asm.header, names=large, check_only=True)
                 deferred = (self.shm.read_inputs, asm.header, allocate, large)

@@ -10,7 +10,9 @@ Two kinds of region (see the client's flashserve/shm.py):
     checking that this descriptor is the flashserve memfd of that token and that it is sealed against
     shrinking (F_SEAL_SHRINK). Such a file can never become shorter than what was mapped, so the server
     maps it (mappings are cached across calls: the client reuses its regions) and copies with memcpy
-    speed; a client can never turn a mapping into SIGBUS for the whole server.
+    speed; a client can never turn a mapping into SIGBUS for the whole server. On CUDA such a mapping
+    is also page-locked (cudaHostRegister, within --shm-pin-bytes): the GPU then copies the large inputs
+    straight out of the client's region and the outputs straight into it, with no staging copy at all.
   * `flashserve_<anything>`: a file in /dev/shm. Its size can change at any time, so it is never mapped:
     the server reads with pread and writes with pwrite, and a client that shrinks, unlinks or rewrites
     it mid-call can make only that call fail.
@@ -152,6 +154,44 @@ def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
         f.result()
 
 
+def _cuda_register(addr: int, size: int) -> bool:
+    return int(torch.cuda.cudart().cudaHostRegister(addr, size, 1)) == 0  # 1: cudaHostRegisterPortable
+
+
+def _cuda_unregister(addr: int, size: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(addr)
+
+
+class HostPinner:
+    """Page-locks mapped client regions for direct GPU copies, within a byte budget.
+
+    Registering costs about a millisecond per 100 MB, once per region (mappings are cached); pinned bytes
+    cannot be swapped out, hence the budget. A region that cannot be pinned is copied through staging."""
+
+    def __init__(self, budget_bytes: int, register: Callable[[int, int], bool] = _cuda_register,
+                 unregister: Callable[[int, int], None] = _cuda_unregister):
+        self.budget_bytes = budget_bytes
+        self.pinned_bytes = 0
+        self.pins = 0  # successful registrations, for tests and metrics
+        self._register, self._unregister = register, unregister
+
+    def pin(self, addr: int, size: int) -> bool:
+        if size <= 0 or self.pinned_bytes + size > self.budget_bytes:
+            return False
+        if not self._register(addr, size):
+            return False
+        self.pinned_bytes += size
+        self.pins += 1
+        return True
+
+    def unpin(self, addr: int, size: int) -> None:
+        self._unregister(addr, size)
+        self.pinned_bytes -= size
+
+
+_PAGE = mmap.PAGESIZE
+
+
 class _Mapped:
     """A client's sealed memfd, mapped into the server (same interface as _Region)."""
 
@@ -184,6 +224,40 @@ class _Mapped:
         finally:
             os.close(fd)
         self._array = np.frombuffer(self._mmap, dtype=np.uint8) if self._mmap else np.empty(0, np.uint8)
+        self.address = self._array.ctypes.data
+        # Page-locking (ShmTransport's lock guards these): None = not tried, else whether it is pinned. `users`
+        # counts calls whose GPU copies may touch the mapping; it is unpinned only when evicted and unused, and
+        # always before the mapping can go (the mapping lives as long as this object).
+        self.pinned: Optional[bool] = None
+        self.users = 0
+        self.evicted = False
+        self._pinner: Optional[HostPinner] = None
+
+    def _pin_size(self) -> int:
+        return -(-self._size // _PAGE) * _PAGE  # the mapping covers whole pages
+
+    def hold_pinned(self, pinner: HostPinner) -> bool:
+        """Pin on first use; count one more user. False (no user counted) when it cannot be pinned."""
+        if self.pinned is None and not self.evicted:
+            self.pinned = pinner.pin(self.address, self._pin_size())
+            self._pinner = pinner if self.pinned else None
+        if not self.pinned:
+            return False
+        self.users += 1
+        return True
+
+    def let_go(self) -> None:
+        self.users -= 1
+        self._maybe_unpin()
+
+    def evict(self) -> None:
+        self.evicted = True
+        self._maybe_unpin()
+
+    def _maybe_unpin(self) -> None:
+        if self.evicted and self.users == 0 and self.pinned:
+            self._pinner.unpin(self.address, self._pin_size())
+            self.pinned = False
 
     def alive(self) -> bool:
         """Whether the client's descriptor still is this region (closed or reused numbers are not)."""
@@ -203,13 +277,15 @@ class _Mapped:
         if n:
             copy_bytes(dst.view(-1).numpy(), self._array[offset:offset + n])
 
-    def borrow(self, offset: int, nbytes: int) -> torch.Tensor:
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
         """The bytes [offset, offset + nbytes) as a uint8 tensor on the mapping itself (no copy)."""
         return torch.from_numpy(self._array[offset:offset + nbytes])
 
+    borrow = view
+
     def write_from(self, src: torch.Tensor, offset: int, field: str) -> None:
         t = src.detach().contiguous().reshape(-1)
-        if t.numel():
+        if t.numel() and t.data_ptr() != self.address + offset:  # else the GPU already copied it here
             nbytes = t.numel() * t.element_size()
             copy_bytes(self._array[offset:offset + nbytes], t.view(torch.uint8).numpy())
 
@@ -220,10 +296,14 @@ class _Mapped:
 class ShmTransport:
     """The service's `shm` hook: read_inputs(header) and write_outputs(request, outputs)."""
 
-    def __init__(self, allocate: Optional[Callable[[int], torch.Tensor]] = None):
+    def __init__(self, allocate: Optional[Callable[[int], torch.Tensor]] = None,
+                 pinner: Optional[HostPinner] = None):
         self.allocate = allocate or (lambda n: torch.empty(n, dtype=torch.uint8))
+        self.pinner = pinner  # set on CUDA: large tensors then travel between the GPU and the region directly
         self.bytes_read = 0
         self.bytes_written = 0
+        self.bytes_direct_in = 0  # of those, copied by the GPU straight from / into a pinned region
+        self.bytes_direct_out = 0
         self._mapped: "collections.OrderedDict[str, _Mapped]" = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -242,13 +322,63 @@ class ShmTransport:
             return region
         region = _Mapped(name, field)
         with self._lock:
+            old = self._mapped.pop(name, None)
+            if old is not None:
+                old.evict()
             self._mapped[name] = region
             dead = [n for n, r in self._mapped.items() if n != name and not r.alive()]
             for n in dead:  # regions their clients closed (or exited): unmapped once no copy uses them
-                del self._mapped[n]
+                self._mapped.pop(n).evict()
             while len(self._mapped) > MAX_MAPPED:
-                self._mapped.popitem(last=False)
+                self._mapped.popitem(last=False)[1].evict()
         return region
+
+    def release(self, holds: List["_Mapped"]) -> None:
+        """A call whose GPU copies touched these pinned regions is over (they may be unpinned now)."""
+        with self._lock:
+            for region in holds:
+                region.let_go()
+            holds.clear()
+
+    def pinned_bytes(self) -> int:
+        with self._lock:
+            return self.pinner.pinned_bytes if self.pinner is not None else 0
+
+    def _hold(self, region, holds: List["_Mapped"]) -> bool:
+        if self.pinner is None or not isinstance(region, _Mapped):
+            return False
+        with self._lock:
+            if not region.hold_pinned(self.pinner):
+                return False
+        holds.append(region)
+        return True
+
+    def output_placer(self, request: pb.Header, holds: List["_Mapped"]):
+        """For a CUDA backend: a function (name, device tensor) -> the slice of the request's output region that
+        `write_outputs` will use for it, page-locked, so the device-to-host copy lands there directly; None
+        where that is not possible (then it copies through staging, and write_outputs reports any problem)."""
+        if self.pinner is None or not is_memfd_name(request.output_region):
+            return None
+        placed: Dict[str, int] = {}
+        state = {"next": request.output_offset, "region": None}
+
+        def place(name: str, t: torch.Tensor) -> Optional[torch.Tensor]:
+            nbytes = t.numel() * t.element_size()
+            at = placed.get(name)
+            if at is None:  # same order and alignment as write_outputs (a retried job asks again: same places)
+                at = placed[name] = state["next"]
+                state["next"] = (at + nbytes + ALIGN - 1) // ALIGN * ALIGN
+            if state["region"] is None:
+                region = self._open(request.output_region, "output_region", writable=True)
+                if not self._hold(region, holds):
+                    return None
+                state["region"] = region
+            region = state["region"]
+            if at % ALIGN or at < 0 or at + nbytes > region.size() or nbytes == 0:
+                return None
+            return region.view(at, nbytes).view(t.dtype).view(t.shape)
+
+        return place
 
     def mapped_regions(self) -> int:
         with self._lock:
@@ -256,12 +386,15 @@ class ShmTransport:
 
     def read_inputs(self, header: pb.Header, allocate: Optional[Callable[[int], torch.Tensor]] = None,
                     names: Optional[Set[str]] = None, check_only: bool = False,
-                    borrow: Set[str] = frozenset()) -> Dict[str, torch.Tensor]:
+                    borrow: Set[str] = frozenset(), holds: Optional[List["_Mapped"]] = None
+                    ) -> Dict[str, torch.Tensor]:
         """The shared-memory tensors of a request (those in `names`, default all), copied once into server
         buffers (from `allocate`, default the transport's). check_only: check names, offsets and sizes, copy
         nothing (the copy then checks again: a region may change in between). borrow: names of tensors that, when
         in a sealed memfd region, are returned as views of the client's memory, not copied (for a CPU backend
-        that only reads them during the call; never for anything kept past it or validated by value)."""
+        that only reads them during the call; never for anything kept past it or validated by value). holds: for a
+        CUDA backend, borrow only from regions that could be page-locked, list them here (for `release`), and
+        leave out (do not copy) the named tensors that cannot be borrowed."""
         allocate = allocate or self.allocate
         descs = [d for d in header.tensors if d.HasField("shm") and (names is None or d.name in names)]
         regions: Dict[str, _Region] = {}
@@ -278,8 +411,14 @@ class ShmTransport:
                 return out
             for d in descs:
                 region = regions[d.shm.region]
-                if d.name in borrow and isinstance(region, _Mapped) and d.nbytes:
+                if d.name in borrow and isinstance(region, _Mapped) and d.nbytes and (
+                        holds is None or self._hold(region, holds)):
                     buf = region.borrow(d.shm.offset, d.nbytes)
+                    if holds is not None:
+                        with self._lock:
+                            self.bytes_direct_in += d.nbytes
+                elif holds is not None:
+                    continue
                 else:
                     buf = allocate(d.nbytes)
                     region.read_into(buf, d.shm.offset, f"{d.name}.shm")
@@ -312,6 +451,9 @@ class ShmTransport:
             region.check(offset, end - offset, 1, "output_region")
             descs = []
             for name, t, at in plan:
+                if isinstance(region, _Mapped) and t.numel() and t.data_ptr() == region.address + at:
+                    with self._lock:
+                        self.bytes_direct_out += t.numel() * t.element_size()
                 region.write_from(t, at, f"output_region ({name})")
                 d = describe(name, t)
                 d.shm.region, d.shm.offset = request.output_region, at

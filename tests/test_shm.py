@@ -381,3 +381,96 @@ def test_value_checked_tensors_are_copied_before_validation_whatever_their_size(
             flashserve.flash_attn_varlen_func(q.reshape(80, 2, 16), q.reshape(80, 2, 16), q.reshape(80, 2, 16),
                                               bad, bad, 50, 50, client=c)
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "cu_seqlens" in err.value.details
+
+
+# ---- page-locked regions (CUDA servers): the bookkeeping, with a stand-in for cudaHostRegister -------------
+class FakeRegistry:
+    """Records cudaHostRegister / cudaHostUnregister calls; `fail` makes registering fail."""
+
+    def __init__(self, fail=False):
+        self.live, self.log, self.fail = {}, [], fail
+
+    def register(self, addr, size):
+        if self.fail:
+            return False
+        assert addr % 4096 == 0 and size % 4096 == 0 and addr not in self.live
+        self.live[addr] = size
+        self.log.append(("pin", addr))
+        return True
+
+    def unregister(self, addr, size):
+        assert self.live.pop(addr) == size  # only what was pinned, with its size, once
+        self.log.append(("unpin", addr))
+
+
+def pinned_transport(budget=1 << 30, fail=False):
+    from flashserve.server.shm import HostPinner, ShmTransport
+
+    reg = FakeRegistry(fail)
+    return ShmTransport(pinner=HostPinner(budget, reg.register, reg.unregister)), reg
+
+
+def test_pinned_inputs_are_borrowed_and_unpinned_only_after_eviction_and_release():
+    transport, reg = pinned_transport()
+    region = client_shm.Region(1 << 20, memfd=True)
+    header = shm_request(region)
+    holds = []
+    got = transport.read_inputs(header, names={"q", "k"}, borrow={"q", "k"}, holds=holds)
+    mapped = transport._mapped[region.name]
+    # views of the server's mapping of the client's region: no copy, and registered once for both tensors
+    assert got["q"].data_ptr() == mapped.address + header.tensors[0].shm.offset
+    assert torch.equal(got["k"], small_inputs()[1][1]) and transport.bytes_direct_in == got["q"].nbytes * 2
+    assert len(reg.live) == 1 and transport.pinned_bytes() == 1 << 20 and len(holds) == 2
+    with transport._lock:
+        transport._mapped.pop(region.name).evict()  # evicted while a call still uses it: stays pinned
+    assert len(reg.live) == 1
+    transport.release(holds)
+    assert reg.live == {} and reg.log == [("pin", mapped.address), ("unpin", mapped.address)] and holds == []
+    assert transport.pinned_bytes() == 0
+    region.close()
+
+
+def test_unpinnable_regions_are_left_for_the_staging_copy():
+    for budget, fail in ((1 << 19, False), (1 << 30, True)):  # over the budget; registration refused
+        transport, reg = pinned_transport(budget, fail)
+        region = client_shm.Region(1 << 20, memfd=True)
+        holds = []
+        got = transport.read_inputs(shm_request(region), names={"q"}, borrow={"q"}, holds=holds)
+        assert got == {} and holds == [] and reg.live == {} and transport.bytes_direct_in == 0
+        region.close()
+    file_region = client_shm.Region(1 << 20, memfd=False)  # a /dev/shm file is never mapped, so never pinned
+    transport, reg = pinned_transport()
+    assert transport.read_inputs(shm_request(file_region), names={"q"}, borrow={"q"}, holds=[]) == {}
+    assert transport.output_placer(shm_request(file_region), []) is None
+    file_region.close()
+
+
+def test_output_placer_gives_the_places_write_outputs_uses():
+    transport, reg = pinned_transport()
+    region = client_shm.Region(1 << 20, memfd=True)
+    header = shm_request(region)
+    holds = []
+    place = transport.output_placer(header, holds)
+    g = torch.Generator().manual_seed(5)
+    outputs = {"out": torch.randn(16, 2, 8, generator=g), "softmax_lse": torch.randn(2, 16, generator=g)}
+    direct = {}
+    for name, t in outputs.items():  # what the CUDA copy-out does: the device-to-host copy lands in the place
+        dst = place(name, t)
+        assert dst is not None and dst.shape == t.shape and dst.dtype == t.dtype
+        dst.copy_(t)
+        direct[name] = dst
+    assert place("out", outputs["out"]).data_ptr() == direct["out"].data_ptr()  # a retried job: same place
+    descs = transport.write_outputs(header, direct)
+    assert transport.bytes_direct_out == sum(t.nbytes for t in outputs.values())  # nothing copied again
+    for d in descs:
+        assert torch.equal(region.take(d.shm.offset, wire.PROTO_TO_TORCH[d.dtype], d.shape), outputs[d.name])
+    # staged outputs (the placer said no) are copied by write_outputs as before
+    staged = {n: t.clone() for n, t in outputs.items()}
+    before = transport.bytes_direct_out
+    transport.write_outputs(header, staged)
+    assert transport.bytes_direct_out == before
+    transport.release(holds)
+    assert len(reg.live) == 1  # still cached (not evicted): pinned for the next call
+    late = transport.output_placer(shm_request(region, output_offset=(1 << 20) - 256), [])
+    assert late("out", outputs["out"]) is None  # would not fit: staging, and write_outputs raises
+    region.close()

@@ -140,3 +140,43 @@ def test_server_on_cuda_with_shm_and_chunks():
         s = srv.service.scheduler.stats.snapshot()
         assert s["host_copies"] == 0 and s["h2d_copies"] > 0 and s["d2h_copies"] > 0
         assert s["requests"] == 16  # 8 forwards + 8 backwards
+
+
+@pytest.mark.parametrize("pin_bytes", [8 << 30, 0])
+def test_shm_regions_are_page_locked_for_direct_gpu_copies(pin_bytes):
+    """A CUDA server page-locks the client's memfd regions: inputs go to the GPU straight from them and outputs
+    straight into them (counted), batched or not; with --shm-pin-bytes 0 everything goes through staging."""
+    cfg = ServerConfig(host="127.0.0.1", port=0, backend="torch", device="cuda", allow_shm=True,
+                       batch_tokens=1 << 16, batch_delay_us=5000, shm_pin_bytes=pin_bytes)
+    with BackgroundServer(cfg) as srv:
+        errors = []
+
+        def worker(i):
+            try:
+                with flashserve.Client(srv.target, timeout=120, transport="shm") as c:
+                    g = torch.Generator().manual_seed(i)
+                    q, k, v = (torch.randn(1, 700 + 50 * i, 4, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+                    for _ in range(2):  # the second call reuses (and finds pinned) the same regions
+                        out = flashserve.flash_attn_func(q, k, v, causal=True, client=c)
+                        ref = torch.nn.functional.scaled_dot_product_attention(
+                            *(t.float().transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+                        assert (out.float() - ref).abs().max().item() < 2e-2
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        shm = srv.service.shm
+        q_bytes = sum((700 + 50 * i) * 4 * 64 * 2 for i in range(6)) * 2
+        if pin_bytes:
+            assert shm.bytes_direct_in >= 3 * q_bytes  # q, k, v of every call
+            assert shm.bytes_direct_out >= q_bytes  # out of every call (lse too)
+            assert shm.pinned_bytes() > 0
+        else:
+            assert shm.bytes_direct_in == 0 and shm.bytes_direct_out == 0 and shm.pinned_bytes() == 0
+        stats = srv.service.scheduler.stats.snapshot()
+        assert stats["requests"] == 12 and stats["batched_launches"] > 0  # the batched copy-out ran too

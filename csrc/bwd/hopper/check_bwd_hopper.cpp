@@ -6,7 +6,7 @@
 //     csrc/bwd/hopper/check_bwd_hopper.cpp csrc/bwd/bwd_api.cu csrc/bwd/inst/bwd_hd{64,128,256}_*.cu
 //     csrc/bwd/hopper/bwd_hopper_hd*.cu -o check_bwd_hopper
 // FLASHSERVE_BWD_DET_SPLITS=n (read by plan()) forces the Hopper deterministic mode's dQ slice count.
-// Usage: check_bwd_hopper check [max_cases] | bench [row]
+// Usage: check_bwd_hopper check [max_cases] | bench [row]   (env CHECK_FILTER=substring, BENCH_MODES=new,...)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -405,6 +405,13 @@ static int bench_all(int sms, int only_row) {
                         {"new-det", "1", true, ""}, {"det-s1", "1", true, "1"}, {"det-s2", "1", true, "2"},
                         {"det-s4", "1", true, "4"}};
   constexpr int kModes = sizeof(modes) / sizeof(modes[0]);
+  // BENCH_MODES=new,new-det (comma list of mode names): time only those (others print as 0).
+  const char* only_modes = std::getenv("BENCH_MODES");
+  auto mode_on = [&](const char* name) {
+    if (!only_modes) return true;
+    const std::string list = std::string(",") + only_modes + ",";
+    return list.find(std::string(",") + name + ",") != std::string::npos;
+  };
   std::printf("%-18s", "TFLOP/s");
   for (const Mode& m : modes) std::printf(" %10s", m.name);
   std::printf(" %8s %8s\n", "new/old", "det/new");
@@ -443,6 +450,8 @@ static int bench_all(int sms, int only_row) {
     const double flops = 2.5 * 4.0 * b * h * (double)r.s * r.s * r.d * (r.causal ? 0.5 : 1.0);
     double tf[kModes];
     for (int mode = 0; mode < kModes; ++mode) {
+      tf[mode] = 0.0;
+      if (!mode_on(modes[mode].name)) continue;
       setenv("FLASHSERVE_BWD_HOPPER", modes[mode].hop, 1);
       if (modes[mode].splits[0]) setenv("FLASHSERVE_BWD_DET_SPLITS", modes[mode].splits, 1);
       else unsetenv("FLASHSERVE_BWD_DET_SPLITS");
@@ -475,7 +484,7 @@ static int bench_all(int sms, int only_row) {
     std::snprintf(nm, sizeof nm, "d%d %dk%s%s", r.d, r.s / 1024, r.causal ? " causal" : "", r.bf16 ? "" : " fp16");
     std::printf("%-18s", nm);
     for (int mode = 0; mode < kModes; ++mode) std::printf(" %10.1f", tf[mode]);
-    std::printf(" %8.2f %8.2f\n", tf[1] / tf[0], tf[3] / tf[1]);
+    std::printf(" %8.2f %8.2f\n", tf[0] > 0 ? tf[1] / tf[0] : 0.0, tf[1] > 0 ? tf[3] / tf[1] : 0.0);
     unsetenv("FLASHSERVE_BWD_DET_SPLITS");
     std::fflush(stdout);
     for (auto& x : D) {
