@@ -103,6 +103,12 @@ class Proc:
             self.stop()
             raise RuntimeError(f"server {args} did not start")
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used so far (user + system, all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -226,13 +232,16 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
                         ("batching off", ["--batch-tokens", "0"])):
         srv = Proc(["--backend", "auto", "--allow-shm", "--device", device, *flags, *extra], tmpdir)
         try:
+            cpu0 = srv.cpu_s()  # includes the warm-up requests: a slight over-estimate per request
             rep = run_sweep(srv.target, wl, [concurrency], duration=60, count=count, warmup=1, transport="shm",
                             progress=False, client_kwargs=dict(timeout=600), processes=processes)
+            server_cpu_s = srv.cpu_s() - cpu0
         finally:
             srv.stop()
         lvl = rep["levels"][0]
         out[name] = {k: lvl[k] for k in ("requests", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
                                          "latency_ms", "mean_batch_requests", "launches_per_request")}
+        out[name]["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / max(1, lvl["requests"])
         out[name]["transport"] = rep["transport"]
         out[name]["server_device"] = rep["server"]["device"]
         print(f"  {name}: {lvl['requests_per_s']:.1f} req/s, {lvl['launches_per_request']:.3f} launches/request, "
@@ -366,12 +375,12 @@ def to_markdown(r) -> str:
                   f"{w['tokens']} tokens x {w['heads']} heads x {w['head_dim']} {w['dtype']}, transport "
                   f"{b['batching on']['transport']}, server on {b['batching on']['server_device']})", "",
               "| setting | req/s | tokens/s | kernel launches / request | mean requests / launch | p50 ms | p99 ms | "
-              "errors |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "server CPU ms / request | errors |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name in ("batching on", "batching off"):
             x = b[name]
             L.append(f"| {name} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:.0f} | {x['launches_per_request']:.3f} | "
                      f"{x['mean_batch_requests']:.2f} | {x['latency_ms']['p50']:.0f} | {x['latency_ms']['p99']:.0f} | "
-                     f"{x['error_count']} |")
+                     f"{x.get('server_cpu_ms_per_request', float('nan')):.2f} | {x['error_count']} |")
         L.append(f"\nthroughput on / off: {b['throughput_ratio']:.2f}x")
     rb = r["residuals"]
     L += ["", f"## 4. Residuals: wire bytes of one training step ({rb['shape']}, gRPC chunks)", "",

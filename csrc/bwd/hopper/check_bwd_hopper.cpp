@@ -6,7 +6,7 @@
 //     csrc/bwd/hopper/check_bwd_hopper.cpp csrc/bwd/bwd_api.cu csrc/bwd/inst/bwd_hd{64,128,256}_*.cu
 //     csrc/bwd/hopper/bwd_hopper_hd*.cu -o check_bwd_hopper
 // FLASHSERVE_BWD_DET_SPLITS=n (read by plan()) forces the Hopper deterministic mode's dQ slice count.
-// Usage: check_bwd_hopper check [max_cases] | bench [row]   (env CHECK_FILTER=substring, BENCH_MODES=new,...)
+// Usage: check_bwd_hopper check [max_cases] | bench [row]   (env CHECK_FILTER=substring, BENCH_MODES=new,..., BENCH_ITERS=n)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -465,7 +465,8 @@ static int bench_all(int sms, int only_row) {
       std::vector<float> ms;
       cudaEvent_t e0, e1;
       CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
-      for (int it = 0; it < 11; ++it) {
+      const int iters = std::getenv("BENCH_ITERS") ? std::max(3, std::atoi(std::getenv("BENCH_ITERS"))) : 11;
+      for (int it = 0; it < iters; ++it) {
         BwdParams& p = ps[it % kSets];
         CK(cudaEventRecord(e0));
         std::string msg = flashserve::bwd::run(p, 0);
