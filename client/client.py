@@ -57,11 +57,15 @@ class Client:
             self._channel = grpc.insecure_channel(target, options=options)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = pb_grpc.AttentionStub(self._channel)
+        service = pb.DESCRIPTOR.services_by_name["Attention"].full_name
         # Forward / Backward with the fast frame codec (chunks without protobuf copies; same bytes on the wire)
-        self._streams = {name: self._channel.stream_stream(f"/{pb.DESCRIPTOR.services_by_name['Attention'].full_name}"
-                                                           f"/{name}", request_serializer=wire.encode_frame,
+        self._streams = {name: self._channel.stream_stream(f"/{service}/{name}", request_serializer=wire.encode_frame,
                                                            response_deserializer=wire.decode_frame)
                          for name in ("Forward", "Backward")}
+        # one-message calls for requests wholly in shared memory (no stream to set up: no helper threads)
+        self._unary_call = self._channel.unary_unary(f"/{service}/Call", request_serializer=pb.Header.SerializeToString,
+                                                     response_deserializer=pb.Header.FromString)
+        self._unary_ok = True  # until a server answers UNIMPLEMENTED (older servers): then streams
         self._info: Optional[pb.ServerInfo] = None
         self.last_timings: Optional[pb.Timings] = None
         self.bytes_sent = 0  # tensor bytes sent / received in gRPC chunks
@@ -148,7 +152,8 @@ class Client:
                 pos += shm_transport.align(region.put(t, pos))
             if out_region is not None:
                 header.output_region, header.output_offset = out_region.name, 0
-            reply, outputs = self._bytes_call(method, header, [], timeout)
+            reply, outputs = self._header_call(method, header, timeout) if out_region is not None else \
+                self._bytes_call(method, header, [], timeout)
             for d in reply.tensors:
                 if d.HasField("shm"):
                     if out_region is None or d.shm.region != out_region.name:
@@ -163,6 +168,21 @@ class Client:
             self._regions.release(region)
             if out_region is not None:
                 self._regions.release_output(out_region)
+
+    def _header_call(self, method, header: pb.Header, timeout) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
+        """A request whose tensors all lie in shared memory: one `Call` message each way where the server has it."""
+        if self._unary_ok:
+            try:
+                reply = self._rpc(self._unary_call, header, timeout=timeout)
+            except RemoteError as exc:
+                if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._unary_ok = False
+            else:
+                self.bytes_received += sum(d.nbytes for d in reply.tensors)
+                self.last_timings = reply.timings
+                return reply, {}
+        return self._bytes_call(method, header, [], timeout)
 
     def _bytes_call(self, method, header: pb.Header, tensors: Sequence[torch.Tensor],
                     timeout: Optional[float] = None) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:

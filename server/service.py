@@ -54,6 +54,10 @@ def _read_deferred(job: Job, read, header: pb.Header, allocate, names) -> None:
     job.tensors.update(read(header, allocate, names=names))
 
 
+async def _one(frame: pb.Frame):
+    yield frame
+
+
 def add_to_server(service: "AttentionService", server) -> None:
     """Like pb_grpc.add_AttentionServicer_to_server, with the fast frame codec for Forward / Backward
     (chunk frames arrive as views, and pre-encoded frames are sent as they are)."""
@@ -62,6 +66,8 @@ def add_to_server(service: "AttentionService", server) -> None:
                                                          response_serializer=encode_frame),
         "Backward": grpc.stream_stream_rpc_method_handler(service.Backward, request_deserializer=decode_frame,
                                                           response_serializer=encode_frame),
+        "Call": grpc.unary_unary_rpc_method_handler(service.Call, request_deserializer=pb.Header.FromString,
+                                                    response_serializer=pb.Header.SerializeToString),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(
             service.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
             response_serializer=pb.ServerInfo.SerializeToString),
@@ -99,6 +105,29 @@ class AttentionService(pb_grpc.AttentionServicer):
     async def Backward(self, request_iterator, context) -> AsyncIterator[pb.Frame]:
         async for frame in self._call(pb.BACKWARD, request_iterator, context):
             yield frame
+
+    async def Call(self, request: pb.Header, context) -> pb.Header:
+        """Forward or Backward in one message: every tensor in shared memory, outputs into output_region."""
+        if request.operation not in (pb.FORWARD, pb.BACKWARD):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"operation: Call runs FORWARD or BACKWARD, got {request.operation}")
+        problem = None
+        if self.shm is None:
+            problem = "shm: this server does not accept shared-memory tensors (start it with --allow-shm)"
+        elif not request.output_region:
+            problem = "output_region: Call returns its outputs in shared memory only; name a region"
+        else:
+            chunked = [d.name for d in request.tensors if not d.HasField("shm")]
+            if chunked:
+                problem = (f"{chunked[0]}: Call carries no chunk bytes, so every tensor must be a shared-memory "
+                           f"slice (use Forward/Backward for {', '.join(chunked)})")
+        if problem is not None:
+            _child(metrics.REQUESTS, METHOD_NAMES[request.operation], grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        reply = None
+        async for frame in self._call(request.operation, _one(pb.Frame(header=request)), context):
+            reply = frame.header  # a shared-memory reply is one header frame
+        return reply
 
     async def GetServerInfo(self, request, context) -> pb.ServerInfo:
         cfg = self.config

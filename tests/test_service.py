@@ -51,7 +51,7 @@ def test_reflection_lists_and_describes_the_service(server):
         assert "flashserve.v1.Attention" in services and "grpc.health.v1.Health" in services
         desc = db.FindFileContainingSymbol("flashserve.v1.Attention")
         assert desc.package == "flashserve.v1"
-        assert {m.name for m in desc.service[0].method} == {"Forward", "Backward", "GetServerInfo", "Release"}
+        assert {m.name for m in desc.service[0].method} == {"Forward", "Backward", "Call", "GetServerInfo", "Release"}
 
 
 def test_server_info(client):

@@ -169,12 +169,22 @@ def call(target, header):
         return wire.read_stream(pb_grpc.AttentionStub(ch).Forward(iter([pb.Frame(header=header)]), timeout=30))
 
 
-def still_serving(target):
-    with flashserve.Client(target, timeout=30, transport="bytes") as c:
-        q = torch.randn(1, 8, 2, 16)
-        out = flashserve.flash_attn_func(q, q, q, client=c)
-        ref, _ = reference(q, q, q, False)
-        assert rel_err(out, ref) < 1e-5
+def call_unary(target, header):
+    """The one-message form (Call): every tensor in shared memory, outputs into output_region."""
+    with grpc.insecure_channel(target) as ch:
+        return pb_grpc.AttentionStub(ch).Call(header, timeout=30), {}
+
+
+CALLS = {"stream": call, "Call": call_unary}
+
+
+def still_serving(target, shm=False):
+    for transport in ("bytes", "shm") if shm else ("bytes",):
+        with flashserve.Client(target, timeout=30, transport=transport) as c:
+            q = torch.randn(1, 8, 2, 16)
+            out = flashserve.flash_attn_func(q, q, q, client=c)
+            ref, _ = reference(q, q, q, False)
+            assert rel_err(out, ref) < 1e-5
 
 
 @pytest.fixture(params=["memfd", "file"])
@@ -185,9 +195,10 @@ def region(request):
     r.close()
 
 
-def test_good_raw_request_writes_outputs_into_region(shm_server, region):
+@pytest.mark.parametrize("rpc", list(CALLS))
+def test_good_raw_request_writes_outputs_into_region(shm_server, region, rpc):
     header = shm_request(region)
-    reply, outs = call(shm_server.target, header)
+    reply, outs = CALLS[rpc](shm_server.target, header)
     assert outs == {}  # nothing in chunks
     got = {d.name: region.take(d.shm.offset, wire.PROTO_TO_TORCH[d.dtype], d.shape) for d in reply.tensors}
     q = small_inputs()[0][1]
@@ -213,8 +224,9 @@ BAD_INPUT_CASES = {
 }
 
 
+@pytest.mark.parametrize("rpc", list(CALLS))
 @pytest.mark.parametrize("case", list(BAD_INPUT_CASES))
-def test_bad_region_rejected_and_server_still_serving(shm_server, region, case):
+def test_bad_region_rejected_and_server_still_serving(shm_server, region, case, rpc):
     spec = BAD_INPUT_CASES[case]
     header = shm_request(region, offsets=spec.get("offsets"), output_region=spec.get("output_region"),
                          output_offset=spec.get("output_offset"))
@@ -222,11 +234,11 @@ def test_bad_region_rejected_and_server_still_serving(shm_server, region, case):
         header.tensors[0].shm.region = spec["rename"]
     before = bytes(region._mmap[:])
     with pytest.raises(grpc.RpcError) as err:
-        call(shm_server.target, header)
+        CALLS[rpc](shm_server.target, header)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert "shm" in err.value.details() or "output" in err.value.details() or "region" in err.value.details()
     assert bytes(region._mmap[:]) == before  # nothing written
-    still_serving(shm_server.target)
+    still_serving(shm_server.target, shm=True)
 
 
 def test_symlinked_region_rejected(shm_server, region, tmp_path):
@@ -247,9 +259,10 @@ def test_symlinked_region_rejected(shm_server, region, tmp_path):
 
 def test_shm_refused_when_not_allowed(region):
     with BackgroundServer(ServerConfig(host="127.0.0.1", port=0, backend="torch")) as plain:
-        with pytest.raises(grpc.RpcError) as err:
-            call(plain.target, shm_request(region))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--allow-shm" in err.value.details()
+        for rpc in CALLS.values():
+            with pytest.raises(grpc.RpcError) as err:
+                rpc(plain.target, shm_request(region))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--allow-shm" in err.value.details()
         still_serving(plain.target)
 
 
@@ -474,3 +487,54 @@ def test_output_placer_gives_the_places_write_outputs_uses():
     late = transport.output_placer(shm_request(region, output_offset=(1 << 20) - 256), [])
     assert late("out", outputs["out"]) is None  # would not fit: staging, and write_outputs raises
     region.close()
+
+
+CALL_REJECTS = {
+    "a tensor in chunks": (lambda h: h.tensors[0].ClearField("shm"), "every tensor must be a shared-memory slice"),
+    "no output region": (lambda h: h.ClearField("output_region"), "output_region"),
+    "no operation": (lambda h: setattr(h, "operation", pb.OPERATION_UNSPECIFIED), "operation"),
+}
+
+
+@pytest.mark.parametrize("case", list(CALL_REJECTS))
+def test_call_rejects_what_one_message_cannot_carry(shm_server, region, case):
+    header = shm_request(region)
+    change, words = CALL_REJECTS[case]
+    change(header)
+    with pytest.raises(grpc.RpcError) as err:
+        call_unary(shm_server.target, header)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details(), err.value.details()
+    still_serving(shm_server.target, shm=True)
+
+
+def test_client_sends_shm_requests_as_one_message_and_falls_back_to_streams(shm_server):
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 40, 2, 16, generator=g).requires_grad_(True) for _ in range(3))
+    ref, leaves = reference(q, k, v, True)
+    ref.sum().backward()
+
+    def no_streams(*args, **kw):
+        raise AssertionError("a stream was opened for a request wholly in shared memory")
+
+    with flashserve.Client(shm_server.target, timeout=30, transport="shm") as c:
+        c._streams = {"Forward": no_streams, "Backward": no_streams}
+        out = flashserve.flash_attn_func(q, k, v, causal=True, client=c)
+        out.sum().backward()  # backward (with kept residuals) in one message too
+        assert rel_err(out, ref) < 1e-5
+        assert all(rel_err(t.grad, r.grad) < 1e-5 for t, r in zip((q, k, v), leaves))
+        assert c.bytes_sent == 0 and c.bytes_received == 0 and c._unary_ok
+
+    class Unimplemented(grpc.RpcError):  # what a server without Call answers
+        def code(self):
+            return grpc.StatusCode.UNIMPLEMENTED
+
+        def details(self):
+            return "Method not found!"
+
+    def old_server(*args, **kw):
+        raise Unimplemented()
+
+    with flashserve.Client(shm_server.target, timeout=30, transport="shm") as c:
+        c._unary_call = old_server
+        out = flashserve.flash_attn_func(q, k, v, causal=True, client=c)
+        assert rel_err(out, ref) < 1e-5 and not c._unary_ok and c.shm_bytes_sent > 0

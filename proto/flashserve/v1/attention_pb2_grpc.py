@@ -44,6 +44,11 @@ class AttentionStub:
                 request_serializer=flashserve_dot_v1_dot_attention__pb2.Frame.SerializeToString,
                 response_deserializer=flashserve_dot_v1_dot_attention__pb2.Frame.FromString,
                 _registered_method=True)
+        self.Call = channel.unary_unary(
+                '/flashserve.v1.Attention/Call',
+                request_serializer=flashserve_dot_v1_dot_attention__pb2.Header.SerializeToString,
+                response_deserializer=flashserve_dot_v1_dot_attention__pb2.Header.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/flashserve.v1.Attention/GetServerInfo',
                 request_serializer=flashserve_dot_v1_dot_attention__pb2.GetServerInfoRequest.SerializeToString,
@@ -66,6 +71,12 @@ class AttentionServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Backward(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Call(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +107,11 @@ def add_AttentionServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=flashserve_dot_v1_dot_attention__pb2.Frame.FromString,
                     response_serializer=flashserve_dot_v1_dot_attention__pb2.Frame.SerializeToString,
+            ),
+            'Call': grpc.unary_unary_rpc_method_handler(
+                    servicer.Call,
+                    request_deserializer=flashserve_dot_v1_dot_attention__pb2.Header.FromString,
+                    response_serializer=flashserve_dot_v1_dot_attention__pb2.Header.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -162,6 +178,33 @@ class Attention:
             '/flashserve.v1.Attention/Backward',
             flashserve_dot_v1_dot_attention__pb2.Frame.SerializeToString,
             flashserve_dot_v1_dot_attention__pb2.Frame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Call(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashserve.v1.Attention/Call',
+            flashserve_dot_v1_dot_attention__pb2.Header.SerializeToString,
+            flashserve_dot_v1_dot_attention__pb2.Header.FromString,
             options,
             channel_credentials,
             insecure,
