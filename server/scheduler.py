@@ -208,11 +208,13 @@ def execute_batch(backend: Backend, jobs: List[Job], stats: Optional[Stats] = No
     if cuda:
         h2d, comp, d2h = _STREAMS.get(dev)
     try:
-        # -- copy in: one copy of each member tensor, straight into its slice of the batched tensor
+        # -- copy in: one copy of each member tensor, straight into its slice of the batched tensor. Always
+        # non_blocking: from pinned memory that is asynchronous; from pageable memory CUDA stages the bytes before
+        # returning, so it is safe too (and asking is_pinned() costs a driver call per tensor).
         if n == 1:
             if cuda:
                 with torch.cuda.stream(h2d):
-                    x = {k: t.to(dev, non_blocking=t.is_pinned()) for k, t in jobs[0].tensors.items()}
+                    x = {k: t.to(dev, non_blocking=True) for k, t in jobs[0].tensors.items()}
                 stats.add(h2d_copies=len(x))
             else:
                 x = jobs[0].tensors
@@ -228,7 +230,7 @@ def execute_batch(backend: Backend, jobs: List[Job], stats: Optional[Stats] = No
                     with torch.cuda.stream(h2d):
                         pos = 0
                         for p in pieces:
-                            dst.narrow(dim, pos, p.shape[dim]).copy_(p, non_blocking=p.is_pinned())
+                            dst.narrow(dim, pos, p.shape[dim]).copy_(p, non_blocking=True)
                             pos += p.shape[dim]
                     stats.add(h2d_copies=len(pieces))
                 else:

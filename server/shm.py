@@ -26,6 +26,7 @@ import collections
 import concurrent.futures
 import errno
 import fcntl
+import math
 import mmap
 import os
 import re
@@ -50,6 +51,10 @@ _MEMFD_NAME = re.compile(r"^flashserve_fd_([0-9]{1,10})_([0-9]{1,10})_([A-Za-z0-
 MAX_MAPPED = 256  # memfd regions kept mapped across calls
 _SHM_IN, _SHM_OUT = metrics.SHM_BYTES.labels("in"), metrics.SHM_BYTES.labels("out")
 ALIGN = 64  # output slices start on 64-byte boundaries
+SMALL_BYTES = 64 << 10  # tensors up to this size (cu_seqlens, alibi slopes) are copied into plain CPU memory
+ITEMSIZE_OF = {dtype: dtype.itemsize for dtype in PROTO_TO_TORCH.values()}
+NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
+                torch.int32: np.int32, torch.int64: np.int64, torch.uint8: np.uint8, torch.bool: np.bool_}
 
 
 def _invalid(message: str) -> RequestError:
@@ -283,6 +288,14 @@ class _Mapped:
 
     borrow = view
 
+    def copy_small(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        """A copy of a small tensor in a plain CPU buffer (one numpy copy; no staging, few torch calls)."""
+        nbytes = ITEMSIZE_OF[dtype] * math.prod(shape)
+        raw = self._array[offset:offset + nbytes].copy()
+        if dtype in NUMPY_DTYPES:
+            return torch.from_numpy(raw.view(NUMPY_DTYPES[dtype]).reshape(shape))
+        return torch.from_numpy(raw).view(dtype).view(shape)
+
     def write_from(self, src: torch.Tensor, offset: int, field: str) -> None:
         t = src.detach().contiguous().reshape(-1)
         if t.numel() and t.data_ptr() != self.address + offset:  # else the GPU already copied it here
@@ -368,8 +381,8 @@ class ShmTransport:
             if at is None:  # same order and alignment as write_outputs (a retried job asks again: same places)
                 at = placed[name] = state["next"]
                 state["next"] = (at + nbytes + ALIGN - 1) // ALIGN * ALIGN
-            if state["region"] is None:
-                region = self._open(request.output_region, "output_region", writable=True)
+            if state["region"] is None:  # (write_outputs checks that the client still has it, once per call)
+                region = self._open(request.output_region, "output_region", writable=False)
                 if not self._hold(region, holds):
                     return None
                 state["region"] = region
@@ -411,20 +424,23 @@ class ShmTransport:
                 return out
             for d in descs:
                 region = regions[d.shm.region]
+                dtype, shape = PROTO_TO_TORCH[d.dtype], tuple(d.shape)
                 if d.name in borrow and isinstance(region, _Mapped) and d.nbytes and (
                         holds is None or self._hold(region, holds)):
-                    buf = region.borrow(d.shm.offset, d.nbytes)
+                    out[d.name] = region.borrow(d.shm.offset, d.nbytes).view(dtype).view(shape)
                     if holds is not None:
                         with self._lock:
                             self.bytes_direct_in += d.nbytes
                 elif holds is not None:
                     continue
+                elif isinstance(region, _Mapped) and d.nbytes <= SMALL_BYTES:
+                    out[d.name] = region.copy_small(d.shm.offset, dtype, shape)
+                elif d.nbytes == 0:
+                    out[d.name] = torch.empty(shape, dtype=dtype)
                 else:
                     buf = allocate(d.nbytes)
                     region.read_into(buf, d.shm.offset, f"{d.name}.shm")
-                dtype = PROTO_TO_TORCH[d.dtype]
-                out[d.name] = buf.view(dtype).view(tuple(d.shape)) if d.nbytes else torch.empty(
-                    tuple(d.shape), dtype=dtype)
+                    out[d.name] = buf.view(dtype).view(shape)
                 with self._lock:
                     self.bytes_read += d.nbytes
                 _SHM_IN.inc(d.nbytes)
