@@ -146,6 +146,10 @@ class Client:
         if out_sizes:  # results come back as views of a region of their own: no copy out
             out_region = self._regions.acquire_output(sum(shm_transport.align(n) for n in out_sizes))
         try:
+            if any(t.is_cuda for t in tensors):  # the copies into the region and out of it involve the GPU
+                region.pin()
+                if out_region is not None:
+                    out_region.pin()
             pos = 0
             for desc, t in zip(header.tensors, tensors):
                 desc.shm.region, desc.shm.offset = region.name, pos

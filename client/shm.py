@@ -115,6 +115,20 @@ class Region:
             self._fd = None
             self._finalizer = weakref.finalize(self, _unlink, self.path)
         self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        self._pinned: Optional[bool] = None  # page-locked for CUDA copies (see pin)
+        self._unpin = None
+
+    def pin(self) -> bool:
+        """Page-lock the region (cudaHostRegister) so that copies from and to CUDA tensors run at full bus speed;
+        once, undone at close. False where that is not possible (then copies are merely slower)."""
+        if self._pinned is None:
+            self._pinned = False
+            if torch.cuda.is_available() and self._bytes is not None:
+                ptr, size = self._bytes.data_ptr(), -(-self.size // mmap.PAGESIZE) * mmap.PAGESIZE
+                if int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0)) == 0:
+                    self._pinned = True
+                    self._unpin = weakref.finalize(self, _cuda_unregister, ptr)
+        return self._pinned
 
     def view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
         itemsize = dtype.itemsize
@@ -148,12 +162,17 @@ class Region:
         return out
 
     def close(self) -> None:
+        if self._unpin is not None:  # before the mapping can go
+            self._unpin()
         self._finalizer()
+        # Drop our references rather than unmap: results handed out are views of output regions, and each view
+        # holds the mapping (torch.frombuffer keeps the mmap object), so it goes with the last of them.
         self._bytes = None
-        try:
-            self._mmap.close()
-        except BufferError:  # a view is still alive; the mapping goes with it
-            pass
+        self._mmap = None
+
+
+def _cuda_unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 def _unlink(path: str) -> None:

@@ -37,7 +37,7 @@ def run_demo(backend: str = "auto", dtype: str | None = None, quick: bool = Fals
     on_gpu = torch.cuda.is_available()
     dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_gpu else torch.float32)
     lengths, heads, heads_k, dim = _workload(on_gpu, quick)
-    config = ServerConfig(host="127.0.0.1", port=0, backend=backend)
+    config = ServerConfig(host="127.0.0.1", port=0, backend=backend, allow_shm=True)  # same host: shared memory
     device = "cuda" if on_gpu else "cpu"
     gen = torch.Generator().manual_seed(1234)
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -64,6 +64,7 @@ def run_demo(backend: str = "auto", dtype: str | None = None, quick: bool = Fals
         _, plain = client.forward(q.detach(), k.detach(), v.detach(), cu, cu,
                                   make_params(None, True, (-1, -1), 0.0, 0.0, 0, 0, False, longest, longest, False))
         lse = plain["softmax_lse"]
+        transport = "shared memory" if client.uses_shm() else "gRPC chunks"
         client.close()
     params = AttentionParams(softmax_scale=dim ** -0.5, causal=True, max_seqlen_q=longest, max_seqlen_k=longest)
     args = [t.detach().cpu().double() for t in (q, k, v)]
@@ -79,7 +80,7 @@ def run_demo(backend: str = "auto", dtype: str | None = None, quick: bool = Fals
     payload = sum(t.numel() * t.element_size() for t in (q, k, v, out))
     rows = [
         ("server backend", f"{info.backend} ({info.device})"),
-        ("client device", device),
+        ("client device", f"{device}, transport {transport}"),
         ("workload", f"varlen lengths {lengths}, causal, {heads} q heads / {heads_k} kv heads, head dim {dim}, "
                      f"{str(dt).replace('torch.', '')}"),
         ("forward round trip", f"{fwd * 1e3:.1f} ms median of 3 ({total / fwd:,.0f} tokens/s, "

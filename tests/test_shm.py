@@ -538,3 +538,18 @@ def test_client_sends_shm_requests_as_one_message_and_falls_back_to_streams(shm_
         c._unary_call = old_server
         out = flashserve.flash_attn_func(q, k, v, causal=True, client=c)
         assert rel_err(out, ref) < 1e-5 and not c._unary_ok and c.shm_bytes_sent > 0
+
+
+def test_results_outlive_the_client_that_made_them(shm_server):
+    """Results are views of the client's output regions: closing the client must not unmap them under the caller
+    (it used to, and reading such a result then crashed the process)."""
+    q = torch.randn(1, 64, 2, 16)
+    ref, _ = reference(q, q, q, False)
+    for memfd in (True, False):
+        with flashserve.Client(shm_server.target, timeout=30, transport="shm") as c:
+            c._regions = client_shm.RegionPool(memfd=memfd)
+            out, lse, _ = flashserve.flash_attn_func(q, q, q, return_attn_probs=True, client=c)
+            region = c._regions.regions()[-1]
+        assert region._bytes is None  # closed: nothing of it is reused, its file is gone
+        out = out + 0  # touching the memory of a closed client's region
+        assert rel_err(out, ref) < 1e-5 and torch.isfinite(lse).all()

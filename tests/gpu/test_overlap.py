@@ -180,3 +180,20 @@ def test_shm_regions_are_page_locked_for_direct_gpu_copies(pin_bytes):
             assert shm.bytes_direct_in == 0 and shm.bytes_direct_out == 0 and shm.pinned_bytes() == 0
         stats = srv.service.scheduler.stats.snapshot()
         assert stats["requests"] == 12 and stats["batched_launches"] > 0  # the batched copy-out ran too
+
+
+def test_client_pins_its_regions_for_cuda_tensors():
+    """A client whose tensors live on the GPU page-locks its shared-memory regions (fast copies both ways)."""
+    cfg = ServerConfig(host="127.0.0.1", port=0, backend="torch", device="cuda", allow_shm=True)
+    with BackgroundServer(cfg) as srv, flashserve.Client(srv.target, timeout=120, transport="shm") as c:
+        g = torch.Generator(device="cuda").manual_seed(3)
+        q, k, v = (torch.randn(2, 500, 4, 64, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
+                   for _ in range(3))
+        out = flashserve.flash_attn_func(q, k, v, causal=True, client=c)
+        out.float().sum().backward()
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(t.detach().float().transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+        assert out.is_cuda and q.grad.is_cuda and (out.float() - ref).abs().max().item() < 2e-2
+        regions = c._regions.regions()
+        assert regions and all(r._pinned for r in regions)
+    assert all(r._bytes is None for r in regions)  # closed (and unpinned first)
