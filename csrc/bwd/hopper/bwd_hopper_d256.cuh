@@ -160,9 +160,6 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
       // key row0 + 8 ((e / 2) % 2), query qc0 + 8 n + 2 t + e % 2.
       const bool full = (i0 + Br <= sq) && (j0 + Bc <= sk) && (wr < 0 || j0 + Bc - 1 <= i0 + diag + wr) &&
                         (wl < 0 || j0 >= i0 + Br - 1 + diag - wl);
-      // A fragments (k-chunks of 16 queries: this warpgroup's queries qc0.., two chunks) of P^T and dS^T for the
-      // RS half of dV_w / dK_w: regs {0,1} from n-block 2c (keys row0, row0 + 8), {2,3} from n-block 2c + 1.
-      uint32_t pf[2][4], dsf[2][4];
       auto softmax = [&](auto full_tag) {
         constexpr bool kFull = decltype(full_tag)::value;
 #pragma unroll
@@ -203,27 +200,14 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
             (void)kj;
             (void)qi;
           }
-          const int c = n >> 1, hi = (n & 1) * 2;
-          pf[c][hi] = ptx::pack2<T>(pv[0], pv[1]);
-          pf[c][hi + 1] = ptx::pack2<T>(pv[2], pv[3]);
-          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0, ql)) = pf[c][hi];
-          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0 + 8, ql)) = pf[c][hi + 1];
+          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0, ql)) = ptx::pack2<T>(pv[0], pv[1]);
+          *reinterpret_cast<uint32_t*>(sP_ptr + swz(Bc, row0 + 8, ql)) = ptx::pack2<T>(pv[2], pv[3]);
         }
       };
       if (full) softmax(std::true_type{});
       else softmax(std::false_type{});
 
-      // ---- RS half of dV_w += P^T dO_w: k = this warpgroup's 32 queries (k-chunks 2 wg, 2 wg + 1 of the
-      // 64-query tile), A = P^T straight from registers, B = dO (MN-major, panel 2 wg). Runs while dS^T is
-      // computed and the other warpgroup catches up at the barrier.
-      fence_regs(dv);
-      wgmma_fence();
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        Wgmma<T, 128>::template rs<1>(dv, pf[c],
-                                      make_desc(sdO + 2 * wg * Br * 128 + (2 * wg + c) * 2048, Br * 128, 1024), 1);
-      wgmma_commit();
-      wgmma_wait<1>();  // dP^T (the dV group stays in flight)
+      wgmma_wait<0>();
       fence_regs(dp);
       // ---- dS^T = P^T o (dP^T - D) (o softcap'), to shared memory (row = key).
 #pragma unroll
@@ -234,22 +218,10 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
         float dsv[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) dsv[e] = s[n * 4 + e] * (dp[n * 4 + e] - dval[e & 1]);
-        const int c = n >> 1, hi = (n & 1) * 2;
-        dsf[c][hi] = ptx::pack2<T>(dsv[0], dsv[1]);
-        dsf[c][hi + 1] = ptx::pack2<T>(dsv[2], dsv[3]);
-        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0, ql)) = dsf[c][hi];
-        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0 + 8, ql)) = dsf[c][hi + 1];
+        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0, ql)) = ptx::pack2<T>(dsv[0], dsv[1]);
+        *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0 + 8, ql)) = ptx::pack2<T>(dsv[2], dsv[3]);
       }
       fence_proxy_async();
-
-      // ---- RS half of dK_w += dS^T Q_w (same k-chunks, B = Q MN-major), issued before the barrier.
-      fence_regs(dk);
-      wgmma_fence();
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        Wgmma<T, 128>::template rs<1>(dk, dsf[c],
-                                      make_desc(sQ + 2 * wg * Br * 128 + (2 * wg + c) * 2048, Br * 128, 1024), 1);
-      wgmma_commit();
       named_sync(1, 256);  // both warpgroups' P^T and dS^T are in shared memory
 
       // ---- dQ_w = dS K_w (64 queries x 128 columns, k = 64 keys): A = dS^T (MN-major), B = K (MN-major,
@@ -261,21 +233,17 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
         Wgmma<T, 128>::template ss<1, 1>(dq, make_desc(sdS + kk * 2048, Bc * 128, 1024),
                                          make_desc(sK + 2 * wg * Bc * 128 + kk * 2048, Bc * 128, 1024), kk > 0);
       wgmma_commit();
-      // ---- Other half of dV_w += P^T dO_w, dK_w += dS^T Q_w: k = the other warpgroup's 32 queries (k-chunks
-      // 2 (1 - wg) ..), A K-major from shared memory, B MN-major. Same shape as the RS half and dQ, so the
-      // accumulator chains need no fence in between.
+      // ---- dV_w += P^T dO_w, dK_w += dS^T Q_w (k = 64 queries): A K-major from shared memory, B MN-major.
+      fence_regs(dv);
+      fence_regs(dk);
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int kk = 2 * (1 - wg) + c;
+      for (int kk = 0; kk < Br / 16; ++kk)
         Wgmma<T, 128>::template ss<0, 1>(dv, make_desc(sP + kk * 32, 16, 1024),
                                          make_desc(sdO + 2 * wg * Br * 128 + kk * 2048, Br * 128, 1024), 1);
-      }
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int kk = 2 * (1 - wg) + c;
+      for (int kk = 0; kk < Br / 16; ++kk)
         Wgmma<T, 128>::template ss<0, 1>(dk, make_desc(sdS + kk * 32, 16, 1024),
                                          make_desc(sQ + 2 * wg * Br * 128 + kk * 2048, Br * 128, 1024), 1);
-      }
       wgmma_commit();
       if (kDet) {
         if (tid == 0) {
@@ -291,10 +259,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
         }
         named_sync(1, 256);
       }
-      wgmma_wait<1>();  // everything but the other half of dV / dK: dQ and the RS halves are done
+      wgmma_wait<1>();
       fence_regs(dq);
-      fence_regs(pf);
-      fence_regs(dsf);
 
       atomic_add_dq<16>(dq, dq_acc, dq_row, i0 + row0 + (t & 1) * 8, c0, sq, p.d, t);
       if (kDet) pending = m;

@@ -113,6 +113,9 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
     int m_begin, m_end;
     m_range(kb, m_begin, m_end);
 
+    auto load_kv = [&]() {
+      load_tile_pair<Bc, kD, Tr::kThreads>(sK, kg, p.k_row_stride, sV, vg, p.v_row_stride, j0, sk, p.d, tid);
+    };
     auto load_q = [&](int m, int stage) {
       const int i0 = m * Br;
       load_tile_pair<Br, kD, Tr::kThreads>(sQ0 + stage * Tr::kQ, qg, p.q_row_stride, sdO0 + stage * Tr::kQ, dog,
@@ -124,18 +127,9 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
 
-    // Prologue in two commit groups: K, Q, LSE (all that S^T and P^T need) first, then V, dO, D, so that the
-    // first query block's S^T is issued while V / dO land (short causal rows: a block has 1-8 query blocks
-    // and, one block per SM, nothing else hides this load).
     if (m_begin < m_end) {
-      const int i0 = m_begin * Br;
-      load_tile<Bc, kD, Tr::kThreads>(sK, kg, p.k_row_stride, j0, sk, p.d, tid);
-      load_tile<Br, kD, Tr::kThreads>(sQ0, qg, p.q_row_stride, i0, sq, p.d, tid);
-      load_row_stat<Br>(sLse, lseg, i0, sq, tid);
-      ptx::cp_async_commit();
-      load_tile<Bc, kD, Tr::kThreads>(sV, vg, p.v_row_stride, j0, sk, p.d, tid);
-      load_tile<Br, kD, Tr::kThreads>(sdO0, dog, p.do_row_stride, i0, sq, p.d, tid);
-      load_row_stat<Br>(sDs, dsg, i0, sq, tid);
+      load_kv();
+      load_q(m_begin, 0);
       ptx::cp_async_commit();
     }
 
@@ -143,9 +137,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
     int first = rev ? kb : 0;  // deterministic: see the wait below
     for (int m = m_begin; m < m_end; ++m) {
       const int stage = (m - m_begin) & 1;
-      const bool first_m = m == m_begin;  // V / dO / D of the prologue may still be in flight
-      if (first_m) ptx::cp_async_wait<1>();
-      else ptx::cp_async_wait<0>();
+      ptx::cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();  // tile m landed for everyone; iteration m - 1 (its wgmma reads included) is done
       if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
@@ -166,12 +158,6 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
         Wgmma<T, Br>::template ss<0, 0>(s, make_desc(sK + ka, 16, 1024), make_desc(sQ + qa, 16, 1024), kk > 0);
       }
       wgmma_commit();
-      if (first_m) {
-        // Second prologue group (V, dO, D) for everyone, while S^T runs; the next tile's group stays in flight.
-        ptx::cp_async_wait<1>();
-        fence_proxy_async();
-        __syncthreads();
-      }
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t ka = (kk >> 2) * Bc * 128 + wg * 64 * 128 + (kk & 3) * 32;
