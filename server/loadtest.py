@@ -158,6 +158,7 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
     lock = threading.Lock()
     latencies: List[float] = []
     errors: Dict[str, int] = {}
+    examples: Dict[str, str] = {}  # the first message per status code
     moved = [0]
     batch_req: List[float] = []
     compute = [0.0]
@@ -195,8 +196,9 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
                 code = None
             except RemoteError as exc:
                 code = exc.code.name if isinstance(exc.code, grpc.StatusCode) else str(exc.code)
+                message = exc.details
             except Exception as exc:  # noqa: BLE001 - reported as an error of this request
-                code = type(exc).__name__
+                code, message = type(exc).__name__, str(exc)
             dt = time.perf_counter() - t0
             with lock:
                 if code is None:
@@ -206,6 +208,7 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
                     compute[0] += info["compute_s"]
                 else:
                     errors[code] = errors.get(code, 0) + 1
+                    examples.setdefault(code, message[:300])
             if progress is not None:
                 progress(1)
 
@@ -220,7 +223,8 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
         c.close()
     # wall-clock start/end so samples from several processes share one time base
     offset = time.time() - time.perf_counter()
-    return {"latencies": latencies, "errors": errors, "moved": moved[0], "batch_requests": batch_req,
+    return {"latencies": latencies, "errors": errors, "error_examples": examples, "moved": moved[0],
+            "batch_requests": batch_req,
             "compute_s": compute[0], "start": start[0] + offset, "end": end + offset}
 
 
@@ -229,9 +233,12 @@ def summarize(samples: List[Dict[str, object]], concurrency: int, tokens: int) -
     latencies = [x for s in samples for x in s["latencies"]]
     batch_req = [x for s in samples for x in s["batch_requests"]]
     errors: Dict[str, int] = {}
+    examples: Dict[str, str] = {}
     for s in samples:
         for code, n in s["errors"].items():
             errors[code] = errors.get(code, 0) + n
+        for code, message in s.get("error_examples", {}).items():
+            examples.setdefault(code, message)
     moved = [sum(s["moved"] for s in samples)]
     compute = [sum(s["compute_s"] for s in samples)]
     elapsed = max(s["end"] for s in samples) - min(s["start"] for s in samples)
@@ -243,6 +250,7 @@ def summarize(samples: List[Dict[str, object]], concurrency: int, tokens: int) -
         "requests": ok,
         "errors": errors,
         "error_count": sum(errors.values()),
+        "error_examples": examples,  # the first message seen per status code
         "duration_s": elapsed,
         "requests_per_s": ok / elapsed if elapsed > 0 else 0.0,
         "tokens_per_s": ok * tokens / elapsed if elapsed > 0 else 0.0,
@@ -356,6 +364,9 @@ def format_table(report: Dict[str, object]) -> str:
         rows.append(f"| {r['concurrency']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
                     f"{r['payload_gb_s']:.3f} | {lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | "
                     f"{r['mean_batch_requests']:.2f} | {errs} |")
+    for r in report["levels"]:
+        for code, message in sorted(r.get("error_examples", {}).items()):
+            rows.append(f"\nconcurrency {r['concurrency']}, first {code}: {message}")
     return "\n".join(rows)
 
 

@@ -11,7 +11,7 @@ import pytest
 from flashserve.server import BackgroundServer, ServerConfig
 from flashserve.server.cli import main
 
-LEVEL_FIELDS = {"concurrency", "requests", "errors", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
+LEVEL_FIELDS = {"concurrency", "requests", "errors", "error_count", "error_examples", "duration_s", "requests_per_s", "tokens_per_s",
                 "payload_gb_s", "payload_bytes", "latency_ms", "mean_batch_requests", "launches_per_request",
                 "server_compute_s_per_request"}
 SMALL = ["--tokens", "64", "--heads", "2", "--head-dim", "16", "--dtype", "float32"]
@@ -69,6 +69,7 @@ def test_errors_counted_by_status_code(bench_server, capsys):
     assert rc == 1
     level = json.loads(capsys.readouterr().out)["levels"][0]
     assert level["requests"] == 0 and level["errors"] == {"INVALID_ARGUMENT": 4}
+    assert "head" in level["error_examples"]["INVALID_ARGUMENT"]  # the first message, for the operator
 
 
 def test_cli_progress_bar_and_table(bench_server):
