@@ -32,6 +32,7 @@ from typing import List, Optional
 
 import torch
 
+from . import cuda_host
 from .buffers import storage_use_count
 
 SHM_DIR = "/dev/shm"
@@ -123,11 +124,11 @@ class Region:
         once, undone at close. False where that is not possible (then copies are merely slower)."""
         if self._pinned is None:
             self._pinned = False
-            if torch.cuda.is_available() and self._bytes is not None:
+            if self._bytes is not None and cuda_host.available():
                 ptr, size = self._bytes.data_ptr(), -(-self.size // mmap.PAGESIZE) * mmap.PAGESIZE
-                if int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0)) == 0:
+                if cuda_host.register(ptr, size):
                     self._pinned = True
-                    self._unpin = weakref.finalize(self, _cuda_unregister, ptr)
+                    self._unpin = weakref.finalize(self, cuda_host.unregister, ptr)
         return self._pinned
 
     def view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -169,10 +170,6 @@ class Region:
         # holds the mapping (torch.frombuffer keeps the mmap object), so it goes with the last of them.
         self._bytes = None
         self._mmap = None
-
-
-def _cuda_unregister(ptr: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 def _unlink(path: str) -> None:

@@ -17,6 +17,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from flashserve import cuda_host
 
 from . import metrics
 from .auth import TokenInterceptor
@@ -58,7 +59,7 @@ async def build_server(config: ServerConfig, backend: Optional[Backend] = None) 
     residuals = ResidualStore(config.residual_bytes, config.residual_ttl_s) if config.residual_bytes > 0 else None
     shm = None
     if config.allow_shm:
-        pin = backend.device.type == "cuda" and config.shm_pin_bytes > 0
+        pin = backend.device.type == "cuda" and config.shm_pin_bytes > 0 and cuda_host.available()
         shm = ShmTransport(scheduler.allocate, HostPinner(config.shm_pin_bytes) if pin else None)
     service = AttentionService(backend, config, scheduler, residuals=residuals, shm=shm)
     scheduler.upstream = lambda: service.in_flight  # lets the batcher skip its delay when no one else is sending
@@ -91,6 +92,8 @@ async def drain(running: Running, grace_s: float) -> None:
     await running.health.enter_graceful_shutdown()
     await running.server.stop(grace_s)
     await running.service.scheduler.close()
+    if running.service.shm is not None:
+        running.service.shm.close()
 
 
 def set_cpu_threads(config: ServerConfig, backend: Backend) -> None:

@@ -38,6 +38,7 @@ import grpc
 import numpy as np
 import torch
 
+from flashserve import cuda_host
 from flashserve.proto import attention_pb2 as pb
 from flashserve.wire import ITEMSIZE, PROTO_TO_TORCH, describe
 
@@ -159,22 +160,14 @@ def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
         f.result()
 
 
-def _cuda_register(addr: int, size: int) -> bool:
-    return int(torch.cuda.cudart().cudaHostRegister(addr, size, 1)) == 0  # 1: cudaHostRegisterPortable
-
-
-def _cuda_unregister(addr: int, size: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(addr)
-
-
 class HostPinner:
     """Page-locks mapped client regions for direct GPU copies, within a byte budget.
 
     Registering costs about a millisecond per 100 MB, once per region (mappings are cached); pinned bytes
     cannot be swapped out, hence the budget. A region that cannot be pinned is copied through staging."""
 
-    def __init__(self, budget_bytes: int, register: Callable[[int, int], bool] = _cuda_register,
-                 unregister: Callable[[int, int], None] = _cuda_unregister):
+    def __init__(self, budget_bytes: int, register: Callable[[int, int], bool] = cuda_host.register,
+                 unregister: Callable[[int, int], None] = lambda addr, size: cuda_host.unregister(addr)):
         self.budget_bytes = budget_bytes
         self.pinned_bytes = 0
         self.pins = 0  # successful registrations, for tests and metrics
@@ -392,6 +385,14 @@ class ShmTransport:
             return region.view(at, nbytes).view(t.dtype).view(t.shape)
 
         return place
+
+    def close(self) -> None:
+        """Forget every mapping; pinned ones are unpinned now or, if a call still uses one, when it ends. (A mapping
+        must never go while page-locked: a later mapping at the same address could not be registered.)"""
+        with self._lock:
+            regions, self._mapped = list(self._mapped.values()), collections.OrderedDict()
+            for region in regions:
+                region.evict()
 
     def mapped_regions(self) -> int:
         with self._lock:

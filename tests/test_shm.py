@@ -553,3 +553,20 @@ def test_results_outlive_the_client_that_made_them(shm_server):
         assert region._bytes is None  # closed: nothing of it is reused, its file is gone
         out = out + 0  # touching the memory of a closed client's region
         assert rel_err(out, ref) < 1e-5 and torch.isfinite(lse).all()
+
+
+def test_closing_the_transport_unpins_what_no_call_uses():
+    transport, reg = pinned_transport()
+    regions = [client_shm.Region(1 << 20, memfd=True) for _ in range(2)]
+    holds = []
+    for r in regions:
+        transport.read_inputs(shm_request(r), names={"q"}, borrow={"q"}, holds=holds)
+    busy = holds.pop()  # a call still running on the second region; the first one's call is over
+    transport.release(holds)
+    assert len(reg.live) == 2  # still cached: both stay pinned for the next calls
+    transport.close()
+    assert transport.mapped_regions() == 0 and len(reg.live) == 1  # the idle one unpinned at once
+    transport.release([busy])
+    assert reg.live == {}  # the other when its call ended
+    for r in regions:
+        r.close()

@@ -197,3 +197,20 @@ def test_client_pins_its_regions_for_cuda_tensors():
         regions = c._regions.regions()
         assert regions and all(r._pinned for r in regions)
     assert all(r._bytes is None for r in regions)  # closed (and unpinned first)
+
+
+def test_failed_page_locking_leaves_no_cuda_error_behind():
+    """A refused cudaHostRegister must not surface later as the 'last error' of an unrelated kernel launch."""
+    from flashserve import cuda_host
+
+    assert cuda_host.available()
+    buf = torch.empty(1 << 20, dtype=torch.uint8)
+    ptr = buf.data_ptr() // 4096 * 4096 + 4096
+    assert cuda_host.register(ptr, 1 << 19)
+    try:
+        assert not cuda_host.register(ptr, 1 << 19)  # already registered: refused
+        x = torch.ones(1024, device="cuda") * 2  # launches a kernel; torch checks cudaGetLastError after it
+        torch.cuda.synchronize()
+        assert x.sum().item() == 2048
+    finally:
+        cuda_host.unregister(ptr)
