@@ -297,14 +297,11 @@ class AttentionService(pb_grpc.AttentionServicer):
             if large and (lease is not None or self.shm.pinner is not None) and not (
                     asm.header.keep_residuals and self.residuals is not None):
                 borrow = {d.name for d in shm_descs if d.name in large and is_memfd_name(d.shm.region)}
-            pinned = set()
-            if borrow and lease is None:  # CUDA: what cannot be pinned is read by the worker, as below
-                got = self.shm.read_inputs(asm.header, names=borrow, borrow=borrow, holds=holds)
-                tensors.update(got)
-                pinned, borrow = set(got), set()
-            large -= borrow | pinned
-            tensors.update(self.shm.read_inputs(asm.header, allocate, borrow=borrow,
-                                                names={d.name for d in shm_descs} - large - pinned))
+            pinned = lease is None and self.shm.pinner is not None  # CUDA: borrow only what can be page-locked
+            got = self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - (large - borrow),
+                                       borrow=borrow, holds=holds if pinned else None)
+            tensors.update(got)
+            large -= set(got)  # what could not be borrowed is read by the compute worker, as below
             if large:
                 self.shm.read_inputs(asm.header, names=large, check_only=True)
                 deferred = (self.shm.read_inputs, asm.header, allocate, large)

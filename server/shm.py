@@ -408,7 +408,7 @@ class ShmTransport:
         in a sealed memfd region, are returned as views of the client's memory, not copied (for a CPU backend
         that only reads them during the call; never for anything kept past it or validated by value). holds: for a
         CUDA backend, borrow only from regions that could be page-locked, list them here (for `release`), and
-        leave out (do not copy) the named tensors that cannot be borrowed."""
+        leave out (do not copy) the tensors in `borrow` that cannot be borrowed."""
         allocate = allocate or self.allocate
         descs = [d for d in header.tensors if d.HasField("shm") and (names is None or d.name in names)]
         regions: Dict[str, _Region] = {}
@@ -432,8 +432,8 @@ class ShmTransport:
                     if holds is not None:
                         with self._lock:
                             self.bytes_direct_in += d.nbytes
-                elif holds is not None:
-                    continue
+                elif holds is not None and d.name in borrow:
+                    continue  # not page-locked: left to the caller (read through staging by the compute worker)
                 elif isinstance(region, _Mapped) and d.nbytes <= SMALL_BYTES:
                     out[d.name] = region.copy_small(d.shm.offset, dtype, shape)
                 elif d.nbytes == 0:
