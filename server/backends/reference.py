@@ -132,11 +132,52 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, params: AttentionParams, alibi_
     return ForwardResult(out=out, softmax_lse=lse, s_dmask=s_dmask)
 
 
+def _block_backward(q_blk, k_seq, v_seq, g, rows, seqlen_q, seqlen_k, params, slopes, keep):
+    """(dq, dk, dv) of one block of query rows, heads leading, by the softmax-attention gradient formulas.
+
+    Explicit rather than through torch.autograd: an in-process server (tests, notebooks) may run this while
+    the caller's autograd engine is inside our client's backward, and on CUDA a nested autograd call would wait
+    for that engine's device thread, which is blocked on us."""
+    s = torch.matmul(q_blk, k_seq.transpose(-1, -2))
+    if params.softcap > 0:
+        t = torch.tanh(s * (params.softmax_scale / params.softcap))
+        dlogits_ds = params.softmax_scale * (1.0 - t * t)  # d(cap * tanh(scale * s / cap)) / ds
+        s = params.softcap * t
+    else:
+        dlogits_ds = params.softmax_scale
+        s = s * params.softmax_scale
+    if slopes is not None:
+        cols = torch.arange(seqlen_k, device=s.device, dtype=s.dtype).view(1, -1)
+        dist = (rows.to(s.dtype).view(-1, 1) + (seqlen_k - seqlen_q) - cols).abs()
+        s = s - slopes.to(s.dtype).view(-1, 1, 1) * dist.unsqueeze(0)
+    left, right = effective_window(params)
+    ok = _visible(rows, seqlen_q, seqlen_k, left, right)
+    if ok is not None:
+        s = s.masked_fill(~ok.unsqueeze(0), float("-inf"))
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+    s = s.masked_fill(empty, 0.0)
+    p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True)).masked_fill(empty, 0.0)
+    scale_kept = None if keep is None else keep.to(p.dtype) / (1.0 - params.dropout_p)
+    p_used = p if scale_kept is None else p * scale_kept
+    dv = torch.matmul(p_used.transpose(-1, -2), g)
+    dp = torch.matmul(g, v_seq.transpose(-1, -2))
+    if scale_kept is not None:
+        dp = dp * scale_kept
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True)) * dlogits_ds  # softmax, then logits' gradient
+    return torch.matmul(ds, k_seq), torch.matmul(ds.transpose(-1, -2), q_blk), dv
+
+
+def _reduce_kv(t: torch.Tensor, heads_k: int) -> torch.Tensor:
+    """(heads_q, s, d) -> (heads_k, s, d): GQA / MQA gradients summed over each K/V head's query heads."""
+    groups = t.shape[0] // heads_k
+    return t if groups == 1 else t.view(heads_k, groups, *t.shape[1:]).sum(dim=1)
+
+
 def backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, params: AttentionParams,
              alibi_slopes=None, compute_dtype=torch.float32) -> BackwardResult:
-    """Gradients by recomputing each block's forward under autograd (out and lse are not needed:
-    the recomputation is exact, and keeps this reference independent of the kernels)."""
-    heads_q = q.shape[1]
+    """Gradients by recomputing each block's probabilities (out and lse are not needed: the recomputation
+    is exact, and keeps this reference independent of the kernels)."""
+    heads_q, heads_k = q.shape[1], k.shape[1]
     batch = cu_seqlens_q.numel() - 1
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     dq = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
@@ -151,18 +192,20 @@ def backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, params
         if params.dropout_p > 0:
             keep = dropout_keep_mask(params.seed, params.offset, b * heads_q, heads_q, sq, sk, params.dropout_p,
                                      device=q.device)
-        k_leaf = k[ck[b]:ck[b + 1]].to(compute_dtype).transpose(0, 1).detach().requires_grad_(True)
-        v_leaf = v[ck[b]:ck[b + 1]].to(compute_dtype).transpose(0, 1).detach().requires_grad_(True)
+        k_seq = _expand_kv(k[ck[b]:ck[b + 1]].to(compute_dtype).transpose(0, 1), heads_q)
+        v_seq = _expand_kv(v[ck[b]:ck[b + 1]].to(compute_dtype).transpose(0, 1), heads_q)
+        dk_seq = torch.zeros_like(k_seq)
+        dv_seq = torch.zeros_like(v_seq)
         for r0 in range(0, sq, ROW_BLOCK):
             r1 = min(sq, r0 + ROW_BLOCK)
             rows = torch.arange(r0, r1, device=q.device)
-            q_leaf = q[cq[b] + r0:cq[b] + r1].to(compute_dtype).transpose(0, 1).detach().requires_grad_(True)
-            with torch.enable_grad():
-                o, _, _ = _block_forward(q_leaf, _expand_kv(k_leaf, heads_q), _expand_kv(v_leaf, heads_q), rows,
-                                         sq, sk, params, slopes, None if keep is None else keep[:, r0:r1])
-                g = dout[cq[b] + r0:cq[b] + r1].to(compute_dtype).transpose(0, 1)
-                gq, gk, gv = torch.autograd.grad(o, (q_leaf, k_leaf, v_leaf), g)
+            q_blk = q[cq[b] + r0:cq[b] + r1].to(compute_dtype).transpose(0, 1)
+            g = dout[cq[b] + r0:cq[b] + r1].to(compute_dtype).transpose(0, 1)
+            gq, gk, gv = _block_backward(q_blk, k_seq, v_seq, g, rows, sq, sk, params, slopes,
+                                         None if keep is None else keep[:, r0:r1])
             dq[cq[b] + r0:cq[b] + r1] = gq.transpose(0, 1)
-            dk[ck[b]:ck[b + 1]] += gk.transpose(0, 1)
-            dv[ck[b]:ck[b + 1]] += gv.transpose(0, 1)
+            dk_seq += gk
+            dv_seq += gv
+        dk[ck[b]:ck[b + 1]] = _reduce_kv(dk_seq, heads_k).transpose(0, 1)
+        dv[ck[b]:ck[b + 1]] = _reduce_kv(dv_seq, heads_k).transpose(0, 1)
     return BackwardResult(dq=dq.to(q.dtype), dk=dk.to(k.dtype), dv=dv.to(v.dtype))
