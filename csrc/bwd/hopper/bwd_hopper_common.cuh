@@ -103,6 +103,40 @@ __device__ __forceinline__ void atomic_add_dq(const float (&dq)[kN8 * 4], float*
   }
 }
 
+// dQ by bulk reduction (default mode of the d256 kernel): the fp32 dQ tile is staged in shared memory and one
+// lane per warp adds each staged row segment into dq_accum with cp.reduce.async.bulk (the TMA unit performs the
+// read-modify-write in L2; no per-element atomics). Addresses 16-byte aligned, sizes multiples of 16 bytes.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
+}
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gdst, uint32_t ssrc, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
+                   (uint64_t)__cvta_generic_to_global(gdst)),
+               "r"(ssrc), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's bulk groups still read their shared-memory source.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most N of this thread's bulk groups are incomplete (global writes included).
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#else
+__device__ __forceinline__ void st_shared_f32x2(uint32_t, float, float) {}
+__device__ __forceinline__ void bulk_reduce_add_f32(float*, uint32_t, uint32_t) {}
+__device__ __forceinline__ void bulk_commit() {}
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {}
+template <int N>
+__device__ __forceinline__ void bulk_wait() {}
+#endif
+
 // Writes this thread's dK (times the softmax scale) and dV accumulators, m64 x (8 kN8) tiles: element e of
 // n-block n is key key_row + 8 ((e / 2) % 2) (key_row: in the sequence), column col0 + 8 n + 2 t + e % 2.
 // Without GQA straight into dk / dv (T); with it into the fp32 per-query-head buffers the postprocess reduces.

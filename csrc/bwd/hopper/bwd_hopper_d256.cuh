@@ -11,7 +11,8 @@
 //   P^T, dS^T                         elementwise in registers, stored to shared memory (both warpgroups need
 //                                     all 64 queries of them for the next products)
 //   dQ_w = dS K_w                     64 queries x columns 128 w.. (SS, A = dS^T MN-major, B = K MN-major),
-//                                     issued first so that its atomics overlap dV / dK
+//                                     issued first; deterministic mode: its atomics overlap dV / dK; default
+//                                     mode: staged in shared memory after dV / dK and added by bulk reductions
 //   dV_w += P^T dO_w, dK_w += dS^T Q_w  columns 128 w .. (SS, A K-major from shared memory, B MN-major)
 #pragma once
 #include <cstdint>
@@ -28,7 +29,11 @@ struct HTraits256 {
   static constexpr int kKV = Bc * kD * 2, kQ = Br * kD * 2, kPS = Bc * Br * 2;
   static constexpr int kOffK = 0, kOffV = kKV, kOffQ = 2 * kKV, kOffdO = kOffQ + 2 * kQ, kOffP = kOffdO + 2 * kQ;
   static constexpr int kOffdS = kOffP + kPS, kOffLse = kOffdS + kPS, kOffDs = kOffLse + 2 * Br * 4;
-  static constexpr int kSmemBytes = kOffDs + 2 * Br * 4 + 1024;  // + alignment slack (swizzle atoms: 1024 B)
+  // dQ staging (default mode): each warpgroup stages its 64 x 128 fp32 dQ tile (32 KB) in the halves of the Q
+  // and dO tiles that only its own dV / dK products read (dead once they complete), 31 rows each, plus 2 rows
+  // in a small extra region of kStageX bytes per warpgroup (rows are skewed by 32 (r % 4) bytes: see below).
+  static constexpr int kOffX = kOffDs + 2 * Br * 4, kStageX = 1152;
+  static constexpr int kSmemBytes = kOffX + 2 * kStageX + 1024;  // + alignment slack (swizzle atoms: 1024 B)
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
@@ -45,6 +50,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
   unsigned char* base_ptr = smem_raw + (base - raw);
   const uint32_t sK = base + Tr::kOffK, sV = base + Tr::kOffV;
   const uint32_t sQ0 = base + Tr::kOffQ, sdO0 = base + Tr::kOffdO, sP = base + Tr::kOffP, sdS = base + Tr::kOffdS;
+  constexpr bool kBulk = !kDet;  // dQ by bulk reduction; deterministic mode keeps the ordered atomics
   unsigned char* sP_ptr = base_ptr + Tr::kOffP;
   unsigned char* sdS_ptr = base_ptr + Tr::kOffdS;
   float* sLse = reinterpret_cast<float*>(base_ptr + Tr::kOffLse);  // [2][Br]
@@ -91,6 +97,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
   float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
                   (int64_t)h * p.d;
   const int64_t dq_row = (int64_t)p.h * p.d;
+  const uint32_t sX = base + Tr::kOffX + wg * Tr::kStageX;  // this warpgroup's extra staging region
 
   if (kb >= 0 && kb < nkb) {
     const int j0 = kb * Bc;
@@ -124,8 +131,10 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
       ptx::cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();  // tile m landed; iteration m - 1 (wgmma reads of Q/dO/P/dS included) is done
-      if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
-      ptx::cp_async_commit();
+      if constexpr (!kBulk) {
+        if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
+        ptx::cp_async_commit();
+      }
       const uint32_t sQ = sQ0 + stage * Tr::kQ, sdO = sdO0 + stage * Tr::kQ;
       const float* lse_s = sLse + stage * Br;
       const float* ds_s = sDs + stage * Br;
@@ -222,7 +231,14 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
         *reinterpret_cast<uint32_t*>(sdS_ptr + swz(Bc, row0 + 8, ql)) = ptx::pack2<T>(dsv[2], dsv[3]);
       }
       fence_proxy_async();
+      // Bulk mode: the other stage's Q / dO still hold step m - 1's staged dQ rows until the bulk reductions
+      // have read them; each issuing lane waits for that before the barrier, the next tile loads after it.
+      if (kBulk && lane == 0) bulk_wait_read<0>();
       named_sync(1, 256);  // both warpgroups' P^T and dS^T are in shared memory
+      if constexpr (kBulk) {
+        if (m + 1 < m_end) load_q(m + 1, stage ^ 1);
+        ptx::cp_async_commit();
+      }
 
       // ---- dQ_w = dS K_w (64 queries x 128 columns, k = 64 keys): A = dS^T (MN-major), B = K (MN-major,
       // panels 2 w, 2 w + 1).
@@ -259,14 +275,52 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
         }
         named_sync(1, 256);
       }
-      wgmma_wait<1>();
-      fence_regs(dq);
+      if constexpr (kBulk) {
+        wgmma_wait<0>();
+        fence_regs(dq);
+        fence_regs(dv);
+        fence_regs(dk);
+        // Stage the 64 x 128 dQ tile: row r of this warpgroup's tile goes to the slot of index
+        // k = 16 (r % 4) + r / 4 (rows sorted by r % 4), slots 0..30 in the Q half, 31..61 in the dO half this
+        // warpgroup's dV / dK read (both dead now), 62..63 in sX; row r starts 32 (r % 4) bytes into its 512-byte
+        // slot. Skews never decrease from one slot to the next within a region, so rows do not overlap, and the
+        // 8 rows (g) of one float2 store instruction fall into 4 distinct 32-byte bank groups: 2 wavefronts per
+        // 256 bytes, no conflicts.
+        const uint32_t rq = sQ + wg * 16384, rdo = sdO + wg * 16384;
+        auto slot = [&](int r) -> uint32_t {
+          const int k = (r & 3) * 16 + (r >> 2);
+          const uint32_t skew = (uint32_t)(r & 3) * 32;
+          return k < 31 ? rq + k * 512 + skew : (k < 62 ? rdo + (k - 31) * 512 + skew : sX + (k - 62) * 512 + skew);
+        };
+        const uint32_t a0 = slot(row0) + t * 8, a1 = slot(row0 + 8) + t * 8;
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+          st_shared_f32x2(a0 + n * 32, dq[n * 4 + 0], dq[n * 4 + 1]);
+          st_shared_f32x2(a1 + n * 32, dq[n * 4 + 2], dq[n * 4 + 3]);
+        }
+        fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) {
+          const int cols = min(128, p.d - c0);
+          if (cols > 0) {
+#pragma unroll 4
+            for (int i = 0; i < 16; ++i) {
+              const int r = wwarp * 16 + i;
+              if (i0 + r < sq) bulk_reduce_add_f32(dq_acc + (int64_t)(i0 + r) * dq_row + c0, slot(r), cols * 4);
+            }
+          }
+          bulk_commit();
+        }
+      } else {
+        wgmma_wait<1>();
+        fence_regs(dq);
 
-      atomic_add_dq<16>(dq, dq_acc, dq_row, i0 + row0 + (t & 1) * 8, c0, sq, p.d, t);
-      if (kDet) pending = m;
-      wgmma_wait<0>();
-      fence_regs(dv);
-      fence_regs(dk);
+        atomic_add_dq<16>(dq, dq_acc, dq_row, i0 + row0 + (t & 1) * 8, c0, sq, p.d, t);
+        if (kDet) pending = m;
+        wgmma_wait<0>();
+        fence_regs(dv);
+        fence_regs(dk);
+      }
     }
     if (kDet && pending >= 0) {
       named_sync(1, 256);
@@ -277,6 +331,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
 
     // ---- dK (scaled) and dV: rows row0, row0 + 8 of the 64 keys, this warpgroup's 128 columns.
     store_dk_dv<T, 16>(p, dk, dv, j0 + row0, c0, sk, k_start, group, h, hk, t);
+    if (kBulk && lane == 0) bulk_wait<0>();  // staged rows read and added before the block's memory goes
   }
 #endif  // sm_90a
 }
