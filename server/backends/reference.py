@@ -48,12 +48,16 @@ def _visible(rows: torch.Tensor, seqlen_q: int, seqlen_k: int, left: int, right:
     return ok
 
 
-def _logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params: AttentionParams, slopes):
-    """Masked logits (heads, rows, seqlen_k) for a block of query rows."""
+def _logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params: AttentionParams, slopes, with_slope: bool = False):
+    """Masked logits (heads, rows, seqlen_k) for a block of query rows; with `with_slope`, also
+    d(logits)/d(q k^T) (a number, or a tensor under softcap) for the explicit backward."""
     s = torch.matmul(q_blk, k_seq.transpose(-1, -2))
     if params.softcap > 0:
-        s = params.softcap * torch.tanh(s * (params.softmax_scale / params.softcap))
+        t = torch.tanh(s * (params.softmax_scale / params.softcap))
+        slope = params.softmax_scale * (1.0 - t * t) if with_slope else None  # d(cap tanh(scale s / cap)) / ds
+        s = params.softcap * t
     else:
+        slope = params.softmax_scale
         s = s * params.softmax_scale
     if slopes is not None:
         cols = torch.arange(seqlen_k, device=s.device, dtype=s.dtype).view(1, -1)
@@ -63,7 +67,7 @@ def _logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params: AttentionParams, slo
     ok = _visible(rows, seqlen_q, seqlen_k, left, right)
     if ok is not None:
         s = s.masked_fill(~ok.unsqueeze(0), float("-inf"))
-    return s
+    return (s, slope) if with_slope else s
 
 
 def _sequence_slopes(alibi_slopes: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
@@ -138,22 +142,7 @@ def _block_backward(q_blk, k_seq, v_seq, g, rows, seqlen_q, seqlen_k, params, sl
     Explicit rather than through torch.autograd: an in-process server (tests, notebooks) may run this while
     the caller's autograd engine is inside our client's backward, and on CUDA a nested autograd call would wait
     for that engine's device thread, which is blocked on us."""
-    s = torch.matmul(q_blk, k_seq.transpose(-1, -2))
-    if params.softcap > 0:
-        t = torch.tanh(s * (params.softmax_scale / params.softcap))
-        dlogits_ds = params.softmax_scale * (1.0 - t * t)  # d(cap * tanh(scale * s / cap)) / ds
-        s = params.softcap * t
-    else:
-        dlogits_ds = params.softmax_scale
-        s = s * params.softmax_scale
-    if slopes is not None:
-        cols = torch.arange(seqlen_k, device=s.device, dtype=s.dtype).view(1, -1)
-        dist = (rows.to(s.dtype).view(-1, 1) + (seqlen_k - seqlen_q) - cols).abs()
-        s = s - slopes.to(s.dtype).view(-1, 1, 1) * dist.unsqueeze(0)
-    left, right = effective_window(params)
-    ok = _visible(rows, seqlen_q, seqlen_k, left, right)
-    if ok is not None:
-        s = s.masked_fill(~ok.unsqueeze(0), float("-inf"))
+    s, dlogits_ds = _logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params, slopes, with_slope=True)
     empty = torch.isneginf(s).all(dim=-1, keepdim=True)
     s = s.masked_fill(empty, 0.0)
     p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True)).masked_fill(empty, 0.0)
