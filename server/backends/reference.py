@@ -76,21 +76,26 @@ def _sequence_slopes(alibi_slopes: Optional[torch.Tensor], b: int) -> Optional[t
     return alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
 
 
-def _block_forward(q_blk, k_seq, v_seq, rows, seqlen_q, seqlen_k, params, slopes, keep):
-    """(out, lse, probs_before_dropout) for one block; heads leading."""
-    s = _logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params, slopes)
-    # Rows that see no key would make logsumexp -inf and its gradient NaN: give them finite
-    # logits here and zero probabilities below.
+def _probabilities(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of masked logits over keys and its log-sum-exp; a row that sees no key gets p = 0, lse = +inf."""
+    # Such rows would make logsumexp -inf (and NaN downstream): finite logits here, zero probabilities below.
     empty = torch.isneginf(s).all(dim=-1, keepdim=True)
     s = s.masked_fill(empty, 0.0)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1)).masked_fill(empty, 0.0)  # masked entries: exp(-inf) = 0
-    empty = empty.squeeze(-1)
-    p_used = p
-    if keep is not None:
-        p_used = p * keep.to(p.dtype) / (1.0 - params.dropout_p)
-    out = torch.matmul(p_used, v_seq)
-    lse = lse.masked_fill(empty, float("inf"))
+    return p, lse.masked_fill(empty.squeeze(-1), float("inf"))
+
+
+def _dropout_scale(keep: Optional[torch.Tensor], params: AttentionParams, dtype) -> Optional[torch.Tensor]:
+    """keep / (1 - p): the factor dropout applies to the probabilities (None without dropout)."""
+    return None if keep is None else keep.to(dtype) / (1.0 - params.dropout_p)
+
+
+def _block_forward(q_blk, k_seq, v_seq, rows, seqlen_q, seqlen_k, params, slopes, keep):
+    """(out, lse, probs_before_dropout) for one block; heads leading."""
+    p, lse = _probabilities(_logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params, slopes))
+    scale_kept = _dropout_scale(keep, params, p.dtype)
+    out = torch.matmul(p if scale_kept is None else p * scale_kept, v_seq)
     return out, lse, p
 
 
@@ -143,10 +148,8 @@ def _block_backward(q_blk, k_seq, v_seq, g, rows, seqlen_q, seqlen_k, params, sl
     the caller's autograd engine is inside our client's backward, and on CUDA a nested autograd call would wait
     for that engine's device thread, which is blocked on us."""
     s, dlogits_ds = _logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params, slopes, with_slope=True)
-    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
-    s = s.masked_fill(empty, 0.0)
-    p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True)).masked_fill(empty, 0.0)
-    scale_kept = None if keep is None else keep.to(p.dtype) / (1.0 - params.dropout_p)
+    p, _ = _probabilities(s)
+    scale_kept = _dropout_scale(keep, params, p.dtype)
     p_used = p if scale_kept is None else p * scale_kept
     dv = torch.matmul(p_used.transpose(-1, -2), g)
     dp = torch.matmul(g, v_seq.transpose(-1, -2))
