@@ -86,16 +86,15 @@ def _probabilities(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return p, lse.masked_fill(empty.squeeze(-1), float("inf"))
 
 
-def _dropout_scale(keep: Optional[torch.Tensor], params: AttentionParams, dtype) -> Optional[torch.Tensor]:
-    """keep / (1 - p): the factor dropout applies to the probabilities (None without dropout)."""
-    return None if keep is None else keep.to(dtype) / (1.0 - params.dropout_p)
+def _dropped(x: torch.Tensor, keep: Optional[torch.Tensor], params: AttentionParams) -> torch.Tensor:
+    """x with dropout's mask and 1 / (1 - p) rescaling applied (x itself without dropout)."""
+    return x if keep is None else x * keep.to(x.dtype) / (1.0 - params.dropout_p)
 
 
 def _block_forward(q_blk, k_seq, v_seq, rows, seqlen_q, seqlen_k, params, slopes, keep):
     """(out, lse, probs_before_dropout) for one block; heads leading."""
     p, lse = _probabilities(_logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params, slopes))
-    scale_kept = _dropout_scale(keep, params, p.dtype)
-    out = torch.matmul(p if scale_kept is None else p * scale_kept, v_seq)
+    out = torch.matmul(_dropped(p, keep, params), v_seq)
     return out, lse, p
 
 
@@ -149,12 +148,8 @@ def _block_backward(q_blk, k_seq, v_seq, g, rows, seqlen_q, seqlen_k, params, sl
     for that engine's device thread, which is blocked on us."""
     s, dlogits_ds = _logits(q_blk, k_seq, rows, seqlen_q, seqlen_k, params, slopes, with_slope=True)
     p, _ = _probabilities(s)
-    scale_kept = _dropout_scale(keep, params, p.dtype)
-    p_used = p if scale_kept is None else p * scale_kept
-    dv = torch.matmul(p_used.transpose(-1, -2), g)
-    dp = torch.matmul(g, v_seq.transpose(-1, -2))
-    if scale_kept is not None:
-        dp = dp * scale_kept
+    dv = torch.matmul(_dropped(p, keep, params).transpose(-1, -2), g)
+    dp = _dropped(torch.matmul(g, v_seq.transpose(-1, -2)), keep, params)
     ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True)) * dlogits_ds  # softmax, then logits' gradient
     return torch.matmul(ds, k_seq), torch.matmul(ds.transpose(-1, -2), q_blk), dv
 
