@@ -220,7 +220,7 @@ def main():
     meta = dict(date=datetime.date.today().isoformat(), gpu=props.name, sms=props.multi_processor_count,
                 torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                 compiled=cfg, reps=a.reps, timing="median over 5 rounds of (CUDA-event time of --reps back-to-back calls / reps), after 3 warm-ups")
-    md = (f"# Forward kernels vs torch SDPA ({meta['date']}, {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, "
+    md = (f"# Attention kernels vs torch SDPA ({meta['date']}, {meta['gpu']}, torch {meta['torch']}, CUDA {meta['cuda']}, "
           f"cuDNN {meta['cudnn']})\n\n" + table(rows) + "\n")
     if a.json:
         with open(a.json, "w") as f:
