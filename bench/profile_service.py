@@ -97,6 +97,22 @@ def large(args) -> int:
     return 0
 
 
+class NullComputeBackend:
+    """Wraps a backend: outputs of the right shapes, no attention computed (isolates the service's own cost)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.name = inner.name + "+null-compute"
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params, alibi_slopes=None, return_softmax=False):
+        from flashserve.server.backends.base import ForwardResult
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+        return ForwardResult(out=torch.empty_like(q), softmax_lse=lse, s_dmask=None)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -104,6 +120,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2048)
     p.add_argument("--processes", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--null-compute", action="store_true", help="skip the attention itself (service overhead only)")
     p.add_argument("--large-mb", type=int, default=0, help="instead: round trips of one q of this size over gRPC chunks")
     args = p.parse_args()
     if args.large_mb:
@@ -111,7 +128,11 @@ def main() -> int:
     for bt in [int(x) for x in args.batch_tokens.split(",")]:
         cfg = ServerConfig(host="127.0.0.1", port=0, device=args.device, allow_shm=True, max_concurrent=256,
                            batch_tokens=bt, batch_delay_us=500)
-        with BackgroundServer(cfg) as srv:
+        backend = None
+        if args.null_compute:
+            from flashserve.server.backends import create_backend
+            backend = NullComputeBackend(create_backend("auto", args.device))
+        with BackgroundServer(cfg, backend) as srv:
             bench = [sys.executable, "-m", "flashserve.server.cli", "bench", srv.target, "--tokens", "512", "--heads",
                      "16", "--head-dim", "64", "--dtype", "bfloat16", "--transport", "shm", "--concurrency",
                      str(args.concurrency), "--processes", str(args.processes), "--no-progress"]
