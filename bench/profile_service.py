@@ -120,14 +120,19 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2048)
     p.add_argument("--processes", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="server compute threads (default: the server's)")
+    p.add_argument("--switch-interval-us", type=int, default=0, help="sys.setswitchinterval for this process (0: keep)")
     p.add_argument("--null-compute", action="store_true", help="skip the attention itself (service overhead only)")
     p.add_argument("--large-mb", type=int, default=0, help="instead: round trips of one q of this size over gRPC chunks")
     args = p.parse_args()
+    if args.switch_interval_us:
+        sys.setswitchinterval(args.switch_interval_us / 1e6)
     if args.large_mb:
         return large(args)
     for bt in [int(x) for x in args.batch_tokens.split(",")]:
         cfg = ServerConfig(host="127.0.0.1", port=0, device=args.device, allow_shm=True, max_concurrent=256,
-                           batch_tokens=bt, batch_delay_us=500)
+                           batch_tokens=bt, batch_delay_us=500,
+                           **({"workers": args.workers} if args.workers else {}))
         backend = None
         if args.null_compute:
             from flashserve.server.backends import create_backend

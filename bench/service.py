@@ -167,7 +167,7 @@ def forward_inputs(up_bytes: int, dtype=torch.float32):
     return q, k, v, torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, 16], dtype=torch.int32)
 
 
-def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=torch.float32):
+def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=torch.float32, chunk_bytes=None):
     import flashserve
     from flashserve.autograd import make_params
 
@@ -175,7 +175,10 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
     big = max(sizes_mb) * MB
     payload_chunks = [bytes(CHUNK)] * (big // CHUNK + 1)
     opts = [("grpc.max_receive_message_length", 80 << 20), ("grpc.max_send_message_length", 80 << 20)]
-    with flashserve.Client(fs_target, timeout=600, transport="bytes") as cb, \
+    from flashserve import wire
+
+    with flashserve.Client(fs_target, timeout=600, transport="bytes",
+                           chunk_bytes=chunk_bytes or wire.DEFAULT_CHUNK_BYTES) as cb, \
             flashserve.Client(fs_target, timeout=600, transport="shm") as cs, \
             grpc.insecure_channel(raw_target, options=opts) as raw:
         for mb in sizes_mb:
@@ -225,6 +228,17 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
 
 
 # ---- 3: batching on / off -------------------------------------------------------------------------
+def host_cpu_ticks():
+    """(busy, total) jiffies of all CPUs of this host (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v) - idle, sum(v)
+
+
 def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
     from flashserve.server.loadtest import Workload, run_sweep
 
@@ -235,19 +249,25 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
         srv = Proc(["--backend", "auto", "--allow-shm", "--device", device, *flags, *extra], tmpdir)
         try:
             cpu0 = srv.cpu_s()  # includes the warm-up requests: a slight over-estimate per request
+            host0 = host_cpu_ticks()
             rep = run_sweep(srv.target, wl, [concurrency], duration=60, count=count, warmup=1, transport="shm",
                             progress=False, client_kwargs=dict(timeout=600), processes=processes)
             server_cpu_s = srv.cpu_s() - cpu0
+            host1 = host_cpu_ticks()
         finally:
             srv.stop()
         lvl = rep["levels"][0]
         out[name] = {k: lvl[k] for k in ("requests", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
                                          "latency_ms", "mean_batch_requests", "launches_per_request")}
         out[name]["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / max(1, lvl["requests"])
+        if host0 and host1:  # how busy the whole host was (clients included): are the clients the limit?
+            out[name]["host_cpu_busy_fraction"] = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
         out[name]["transport"] = rep["transport"]
         out[name]["server_device"] = rep["server"]["device"]
         print(f"  {name}: {lvl['requests_per_s']:.1f} req/s, {lvl['launches_per_request']:.3f} launches/request, "
-              f"p50 {lvl['latency_ms']['p50']:.0f} ms, p99 {lvl['latency_ms']['p99']:.0f} ms", flush=True)
+              f"p50 {lvl['latency_ms']['p50']:.0f} ms, p99 {lvl['latency_ms']['p99']:.0f} ms, server CPU "
+              f"{out[name]['server_cpu_ms_per_request']:.2f} ms/request, host CPU busy "
+              f"{out[name].get('host_cpu_busy_fraction', float('nan')):.0%}", flush=True)
     out["throughput_ratio"] = out["batching on"]["requests_per_s"] / out["batching off"]["requests_per_s"]
     out["workload"] = dict(wl.shape, concurrency=concurrency, requests=count, client_processes=processes)
     return out
@@ -361,7 +381,8 @@ def to_markdown(r) -> str:
          "and reported apart. MB/s = (bytes up + bytes down) / round-trip time, median of the repeats. "
          "Raw gRPC = a generic grpcio server (own process) reading the same number of bytes as 4 MB messages and "
          "streaming as many back; raw, gRPC path and shm calls are taken in turn (medians per kind). "
-         "Excl. compute: the median over calls of (round trip - that call's server compute time).", "",
+         "Excl. compute: the median over calls of (round trip - that call's server compute time). "
+         f"flashserve's gRPC path used {r.get('chunk_bytes', 4 << 20) // 1024} KB chunks.", "",
          "| payload up | flashserve gRPC MB/s | raw gRPC MB/s | ratio | server compute ms | ratio excl. compute | "
          "shm MB/s | shm / gRPC chunks | same, excl. compute |",
          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -378,12 +399,14 @@ def to_markdown(r) -> str:
                   f"{w['tokens']} tokens x {w['heads']} heads x {w['head_dim']} {w['dtype']}, transport "
                   f"{b['batching on']['transport']}, server on {b['batching on']['server_device']})", "",
               "| setting | req/s | tokens/s | kernel launches / request | mean requests / launch | p50 ms | p99 ms | "
-              "server CPU ms / request | errors |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "server CPU ms / request | host CPU busy | errors |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name in ("batching on", "batching off"):
             x = b[name]
             L.append(f"| {name} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:.0f} | {x['launches_per_request']:.3f} | "
                      f"{x['mean_batch_requests']:.2f} | {x['latency_ms']['p50']:.0f} | {x['latency_ms']['p99']:.0f} | "
-                     f"{x.get('server_cpu_ms_per_request', float('nan')):.2f} | {x['error_count']} |")
+                     f"{x.get('server_cpu_ms_per_request', float('nan')):.2f} | "
+                     f"{x.get('host_cpu_busy_fraction', float('nan')):.0%} | {x['error_count']} |")
         L.append(f"\nthroughput on / off: {b['throughput_ratio']:.2f}x")
     rb = r["residuals"]
     L += ["", f"## 4. Residuals: wire bytes of one training step ({rb['shape']}, gRPC chunks)", "",
@@ -419,6 +442,9 @@ def main(argv=None) -> int:
     p.add_argument("--client-processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                    help="processes the batching comparison's clients are spread over")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--sizes", help="payload sizes in MB, comma-separated (default: by --quick)")
+    p.add_argument("--chunk-bytes", type=int, default=0, help="chunk size of the gRPC path (0: the client's default)")
+    p.add_argument("--tag", default="", help="suffix of the result files' names")
     args = p.parse_args(argv)
     if args.raw_server:
         raw_server_main(args.raw_server)
@@ -429,6 +455,8 @@ def main(argv=None) -> int:
     import flashserve
 
     sizes = [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 128, 256]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
     repeats = 5 if args.quick else 7
     tmp = tempfile.mkdtemp(prefix="fsbench")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # the flash backend takes 16-bit
@@ -445,7 +473,9 @@ def main(argv=None) -> int:
             info = c.server_info()
             report["server"] = {"backend": info.backend, "device": info.device}
         print(f"1-2. payload sweep ({fs.target} vs raw {raw.target}, {info.backend} backend)", flush=True)
-        report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64, dtype=dtype)
+        report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64, dtype=dtype,
+                                          chunk_bytes=args.chunk_bytes)
+        report["chunk_bytes"] = args.chunk_bytes or flashserve.wire.DEFAULT_CHUNK_BYTES
         print("4. residual wire bytes", flush=True)
         report["residuals"] = residual_bytes(fs.target)
         print("5. time split", flush=True)
@@ -461,7 +491,7 @@ def main(argv=None) -> int:
                                            processes=args.client_processes)
     report["total_s"] = time.perf_counter() - t_start
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"service_{args.device}_{report['date'][:10]}")
+    stem = os.path.join(args.out, f"service_{args.device}_{report['date'][:10]}{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
