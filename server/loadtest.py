@@ -175,6 +175,11 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
     ready = threading.Barrier(concurrency + 1, action=lambda: start.__setitem__(0, time.perf_counter()))
 
     def worker(i: int):
+        # One torch CPU thread per client thread: the clients' copies into shared memory are small and there are
+        # many client threads; torch's default (every core, OpenMP threads that spin after each copy) made the
+        # load generator burn the host's cores (client CPU 3.1 -> 1.3 ms per 3 MB shm request on 2 cores).
+        # OpenMP's thread count is per thread: this leaves the rest of the process as it was.
+        torch.set_num_threads(1)
         c = clients[i]
         for _ in range(warmup):
             try:
@@ -213,11 +218,13 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
                 progress(1)
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    torch_threads = torch.get_num_threads()
     for t in threads:
         t.start()
     ready.wait()  # after every client's warm-up; the barrier's action starts the clock
     for t in threads:
         t.join(time_limit + 120)
+    torch.set_num_threads(torch_threads)  # MKL's count is process-wide: put back what the caller had
     end = time.perf_counter()
     for c in clients:
         c.close()
