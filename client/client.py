@@ -194,9 +194,11 @@ class Client:
 
         sent = sum(d.nbytes for d in header.tensors if not d.HasField("shm"))
 
+        chunk = wire.chunk_size_for(sent, self.chunk_bytes)
+
         def attempt(timeout, metadata):
-            frames = wire.iter_encoded(header, tensors, self.chunk_bytes)
-            if wire.chunk_count(tensors, self.chunk_bytes) > 1:
+            frames = wire.iter_encoded(header, tensors, chunk)
+            if wire.chunk_count(tensors, chunk) > 1:
                 frames = wire.ahead(frames)  # encode the next chunk while this one is sent
             reply, outputs = wire.read_stream(method(frames, timeout=timeout, metadata=metadata),
                                               allocate=self._buffers.allocate)

@@ -19,7 +19,8 @@ import torch
 
 from flashserve.proto import attention_pb2 as pb
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # smaller chunks pipeline the copies better (bench/service.py, H200: 16 MB ratio 1.11 vs 0.82 at 4 MB)
+DEFAULT_CHUNK_BYTES = 4 << 20  # the largest chunk a sender uses by default (see chunk_size_for)
+MIN_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 64 << 20
 
 if sys.byteorder != "little":  # the wire is little-endian; so is every machine we target
@@ -77,6 +78,16 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy())
+
+
+def chunk_size_for(total_bytes: int, limit: int) -> int:
+    """The chunk size for a payload of total_bytes: 16-31 chunks, at least 1 MB, at most limit. Small payloads
+    go in small chunks so that the first and last chunk's copies (encode, decode) are short next to the transfer
+    (H200, 16 MB forward round trips: 1.06-1.11x raw grpcio with 1 MB chunks, 0.67-0.82x with 4 MB); large ones keep
+    limit-sized messages (fewer per-message costs)."""
+    limit = max(1, min(int(limit or DEFAULT_CHUNK_BYTES), MAX_CHUNK_BYTES))
+    sixteenth = max(1, int(total_bytes) // 16)
+    return min(limit, max(MIN_CHUNK_BYTES, 1 << (sixteenth.bit_length() - 1)))  # a power of two: even messages
 
 
 def chunk_pieces(tensors: Sequence[torch.Tensor], chunk_bytes: int) -> Iterator[List[memoryview]]:

@@ -19,7 +19,7 @@ class ServerConfig:
     max_concurrent: int = dataclasses.field(default=64, metadata={"help": "requests in flight before RESOURCE_EXHAUSTED"})
     max_inflight_bytes: int = dataclasses.field(default=8 << 30, metadata={"help": "tensor bytes of all requests in flight together (host memory bound)"})
     max_message_bytes: int = dataclasses.field(default=80 << 20, metadata={"help": "gRPC message size limit"})
-    chunk_bytes: int = dataclasses.field(default=1 << 20, metadata={"help": "default response chunk size"})
+    chunk_bytes: int = dataclasses.field(default=4 << 20, metadata={"help": "largest response chunk (payloads under 16 of them use smaller chunks, at least 1 MB)"})
     workers: int = dataclasses.field(default=2, metadata={"help": "compute threads"})
     cpu_threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per compute thread on a CPU backend (0: cores / workers)"})
     batch_tokens: int = dataclasses.field(default=32768, metadata={"help": "token budget of one batched launch (0: no batching)"})

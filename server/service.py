@@ -18,8 +18,8 @@ import torch
 
 from flashserve.proto import attention_pb2 as pb
 from flashserve.proto import attention_pb2_grpc as pb_grpc
-from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, chunk_count, copy_pieces, decode_frame,
-                             describe, encode_frame, iter_encoded)
+from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, chunk_count, chunk_size_for, copy_pieces,
+                             decode_frame, describe, encode_frame, iter_encoded)
 
 from . import metrics
 from .pool import BufferPool
@@ -345,6 +345,7 @@ class AttentionService(pb_grpc.AttentionServicer):
         chunk = request.chunk_bytes or self.config.chunk_bytes
         chunk = min(chunk, self.config.max_message_bytes - 1024)
         tensors = [outputs[n] for n in names]
+        chunk = chunk_size_for(sum(t.numel() * t.element_size() for t in tensors), chunk)
         frames = iter_encoded(reply, tensors, chunk)  # pre-encoded Frame bytes
         if chunk_count(tensors, chunk) < 2:
             for frame in frames:

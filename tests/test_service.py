@@ -109,6 +109,37 @@ def test_tensor_over_64_mb_travels_both_ways(server):
     assert rel_err(outs["out"][:, 0], ref) < 1e-5
 
 
+def test_chunk_sizes_follow_the_payload_both_ways(server, monkeypatch):
+    """16 MB goes in 1 MB messages, 72 MB in 4 MB ones, each way; none over the limit."""
+    from flashserve.server import service as service_module
+
+    sizes = {"up": [], "down": []}
+
+    def recording(direction, encode):
+        def iter_encoded(header, tensors, chunk_bytes):
+            for i, frame in enumerate(encode(header, tensors, chunk_bytes)):
+                if i:  # the first frame is the header
+                    sizes[direction].append(len(frame))
+                yield frame
+        return iter_encoded
+
+    monkeypatch.setattr(wire, "iter_encoded", recording("up", wire.iter_encoded))
+    monkeypatch.setattr(service_module, "iter_encoded", recording("down", service_module.iter_encoded))
+    MB = 1 << 20
+    with flashserve.Client(server.target, timeout=300, transport="bytes") as c:
+        for total_q, chunk in ((16 * MB // 1024, MB), (73728, 4 * MB)):  # q of 16 MB / 72 MB (fp32, 1 x 256)
+            sizes["up"].clear()
+            sizes["down"].clear()
+            q = torch.randn(total_q, 1, 256)
+            k = v = torch.randn(16, 1, 256)
+            cu_q, cu_k = torch.tensor([0, total_q], dtype=torch.int32), torch.tensor([0, 16], dtype=torch.int32)
+            c.forward(q, k, v, cu_q, cu_k, pb.AttentionParams(max_seqlen_q=total_q, max_seqlen_k=16))
+            for direction in ("up", "down"):
+                payloads = [n - 1 - len(wire._varint(n)) for n in sizes[direction]]  # minus tag and length
+                assert max(payloads) == chunk, (direction, total_q, payloads[:3])
+                assert all(p == chunk for p in payloads[:-1])
+
+
 def _blocking_frames(header, first_chunk, release: threading.Event):
     yield pb.Frame(header=header)
     yield pb.Frame(chunk=first_chunk)

@@ -99,3 +99,17 @@ def test_ahead_stops_its_thread_when_dropped():
     gen.close()  # gRPC drops the request iterator of a failed call
     helper.join(2)
     assert not helper.is_alive() and len(produced) <= 5
+
+
+def test_chunk_size_is_a_power_of_two_near_a_sixteenth_of_the_payload_between_1_mb_and_the_limit():
+    MB = 1 << 20
+    assert wire.chunk_size_for(100, 4 * MB) == MB  # small payloads: one 1 MB chunk at most
+    assert wire.chunk_size_for(16 * MB, 4 * MB) == MB
+    assert wire.chunk_size_for(32 * MB, 4 * MB) == 2 * MB
+    assert wire.chunk_size_for(63 * MB, 4 * MB) == 2 * MB
+    assert wire.chunk_size_for(16 * MB + 4096, 4 * MB) == MB
+    assert wire.chunk_size_for(64 * MB, 4 * MB) == 4 * MB
+    assert wire.chunk_size_for(1024 * MB, 4 * MB) == 4 * MB  # never over the limit
+    assert wire.chunk_size_for(1024 * MB, 1000) == 1000  # a limit under 1 MB wins
+    assert wire.chunk_size_for(1024 * MB, 0) == wire.DEFAULT_CHUNK_BYTES
+    assert wire.chunk_size_for(1024 * MB, 1 << 40) == wire.MAX_CHUNK_BYTES
