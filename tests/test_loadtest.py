@@ -90,3 +90,31 @@ def test_clients_spread_over_processes(bench_server, tmp_path):
     check_report(report, [4], "forward", "shm")
     assert report["client_processes"] == 2
     assert report["levels"][0]["requests"] == 10  # 5 + 5 from the two processes, merged
+
+
+def test_client_threads_use_one_torch_thread_and_the_caller_keeps_its_own(bench_server, monkeypatch):
+    import threading
+
+    import torch
+
+    from flashserve.server import loadtest
+
+    seen = []
+    step = loadtest.Workload.step
+
+    def recording_step(self, client, keep):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return step(self, client, keep)
+
+    monkeypatch.setattr(loadtest.Workload, "step", recording_step)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rc = main(["bench", bench_server.target, *SMALL, "--concurrency", "3", "--requests", "6", "--no-progress"])
+        assert rc == 0
+        client_threads = {name for name, _ in seen}
+        assert len(client_threads) == 3 and threading.current_thread().name not in client_threads
+        assert {n for _, n in seen} == {1}  # every request's copies ran on one torch thread
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+    finally:
+        torch.set_num_threads(before)
