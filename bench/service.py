@@ -258,7 +258,7 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
             srv.stop()
         lvl = rep["levels"][0]
         out[name] = {k: lvl[k] for k in ("requests", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
-                                         "latency_ms", "mean_batch_requests", "launches_per_request")}
+                                         "latency_ms", "mean_batch_requests", "launches_per_request", "stage_ms_p50")}
         out[name]["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / max(1, lvl["requests"])
         if host0 and host1:  # how busy the whole host was (clients included): are the clients the limit?
             out[name]["host_cpu_busy_fraction"] = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
@@ -409,6 +409,14 @@ def to_markdown(r) -> str:
                      f"{x.get('server_cpu_ms_per_request', float('nan')):.2f} | "
                      f"{x.get('host_cpu_busy_fraction', float('nan')):.0%} | {x['error_count']} |")
         L.append(f"\nthroughput on / off: {b['throughput_ratio']:.2f}x")
+        L += ["", "Median ms per request by server stage (flashserve bench); outside = round trip minus the stages "
+              "(client work, gRPC both ways, validation, waits for a thread):", "",
+              "| setting | receive | queue | copy in | compute | copy out | outside |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name in ("batching on", "batching off"):
+            st = b[name].get("stage_ms_p50", {})
+            L.append(f"| {name} | " + " | ".join(f"{st.get(k, float('nan')):.2f}" for k in
+                                              ("receive", "queue", "copy_in", "compute", "copy_out", "outside")) + " |")
     rb = r["residuals"]
     L += ["", f"## 4. Residuals: wire bytes of one training step ({rb['shape']}, gRPC chunks)", "",
           "| | up (client to server) | down | total |", "| --- | ---: | ---: | ---: |",

@@ -127,7 +127,13 @@ class Workload:
             timings.append(r2.timings)
         return {"bytes": _moved(client) - before,
                 "batch_requests": sum(t.batch_requests or 1 for t in timings) / len(timings),
-                "compute_s": sum(t.compute_s for t in timings)}
+                "compute_s": sum(t.compute_s for t in timings),
+                "stages_s": {stage: sum(getattr(t, stage + "_s") for t in timings) for stage in STAGES}}
+
+
+# Server-side stages of a request, as its reply's timings report them (seconds). A request's round trip minus
+# their sum is the time outside them: the client's own work, gRPC both ways, validation, and any wait for a thread.
+STAGES = ("receive", "queue", "copy_in", "compute", "copy_out")
 
 
 def _moved(client) -> int:
@@ -162,6 +168,7 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
     moved = [0]
     batch_req: List[float] = []
     compute = [0.0]
+    stages: List[List[float]] = []  # per request: its STAGES in seconds, then its round trip
     issued = [0]
     clients = [make_client() for _ in range(concurrency)]
     keep = [False] * concurrency
@@ -211,6 +218,7 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
                     moved[0] += info["bytes"]
                     batch_req.append(info["batch_requests"])
                     compute[0] += info["compute_s"]
+                    stages.append([info["stages_s"][k] for k in STAGES] + [dt])
                 else:
                     errors[code] = errors.get(code, 0) + 1
                     examples.setdefault(code, message[:300])
@@ -231,7 +239,7 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
     # wall-clock start/end so samples from several processes share one time base
     offset = time.time() - time.perf_counter()
     return {"latencies": latencies, "errors": errors, "error_examples": examples, "moved": moved[0],
-            "batch_requests": batch_req,
+            "batch_requests": batch_req, "stages": stages,
             "compute_s": compute[0], "start": start[0] + offset, "end": end + offset}
 
 
@@ -252,6 +260,10 @@ def summarize(samples: List[Dict[str, object]], concurrency: int, tokens: int) -
     ok = len(latencies)
     lat = sorted(latencies)
     mean_batch = sum(batch_req) / len(batch_req) if batch_req else 0.0
+    rows = [x for s in samples for x in s.get("stages", [])]
+    # medians per stage, and of each request's time outside them (its round trip minus their sum)
+    stage_ms = {k: _percentile(sorted(r[i] for r in rows), 50) * 1e3 for i, k in enumerate(STAGES)}
+    stage_ms["outside"] = _percentile(sorted(r[-1] - sum(r[:-1]) for r in rows), 50) * 1e3
     return {
         "concurrency": concurrency,
         "requests": ok,
@@ -269,6 +281,7 @@ def summarize(samples: List[Dict[str, object]], concurrency: int, tokens: int) -
         "mean_batch_requests": mean_batch,
         "launches_per_request": (sum(1 / b for b in batch_req) / len(batch_req)) if batch_req else 0.0,
         "server_compute_s_per_request": compute[0] / ok if ok else 0.0,
+        "stage_ms_p50": stage_ms,
     }
 
 
@@ -371,6 +384,12 @@ def format_table(report: Dict[str, object]) -> str:
         rows.append(f"| {r['concurrency']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
                     f"{r['payload_gb_s']:.3f} | {lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | "
                     f"{r['mean_batch_requests']:.2f} | {errs} |")
+    rows += ["", "server stages, median ms per request (outside = round trip minus the stages: client, gRPC, waits):",
+             "| concurrency | " + " | ".join(STAGES) + " | outside |", "| ---: |" + " ---: |" * (len(STAGES) + 1)]
+    for r in report["levels"]:
+        st = r.get("stage_ms_p50", {})
+        rows.append(f"| {r['concurrency']} | " + " | ".join(f"{st.get(k, float('nan')):.2f}"
+                                                             for k in (*STAGES, "outside")) + " |")
     for r in report["levels"]:
         for code, message in sorted(r.get("error_examples", {}).items()):
             rows.append(f"\nconcurrency {r['concurrency']}, first {code}: {message}")

@@ -13,7 +13,7 @@ from flashserve.server.cli import main
 
 LEVEL_FIELDS = {"concurrency", "requests", "errors", "error_count", "error_examples", "duration_s", "requests_per_s", "tokens_per_s",
                 "payload_gb_s", "payload_bytes", "latency_ms", "mean_batch_requests", "launches_per_request",
-                "server_compute_s_per_request"}
+                "server_compute_s_per_request", "stage_ms_p50"}
 SMALL = ["--tokens", "64", "--heads", "2", "--head-dim", "16", "--dtype", "float32"]
 
 
@@ -36,6 +36,10 @@ def check_report(report, levels, op, transport):
         lat = r["latency_ms"]
         assert set(lat) == {"p50", "p90", "p99", "mean"} and 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
         assert r["mean_batch_requests"] >= 1 and 0 < r["launches_per_request"] <= 1
+        st = r["stage_ms_p50"]  # where a request's time went: server stages, and the rest of its round trip
+        assert set(st) == {"receive", "queue", "copy_in", "compute", "copy_out", "outside"}
+        assert st["compute"] > 0 and st["outside"] > 0 and min(st.values()) >= 0
+        assert sum(st.values()) <= 2 * lat["p99"]  # medians of parts of requests no slower than that
 
 
 def test_sweep_json_and_plot(bench_server, tmp_path):
