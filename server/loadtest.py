@@ -127,7 +127,6 @@ class Workload:
             timings.append(r2.timings)
         return {"bytes": _moved(client) - before,
                 "batch_requests": sum(t.batch_requests or 1 for t in timings) / len(timings),
-                "compute_s": sum(t.compute_s for t in timings),
                 "stages_s": {stage: sum(getattr(t, stage + "_s") for t in timings) for stage in STAGES}}
 
 
@@ -217,7 +216,7 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
                     latencies.append(dt)
                     moved[0] += info["bytes"]
                     batch_req.append(info["batch_requests"])
-                    compute[0] += info["compute_s"]
+                    compute[0] += info["stages_s"]["compute"]
                     stages.append([info["stages_s"][k] for k in STAGES] + [dt])
                 else:
                     errors[code] = errors.get(code, 0) + 1
