@@ -109,6 +109,23 @@ class Proc:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def thread_cpu_s(self):
+        """(event-loop thread, all other threads) CPU seconds so far: the main thread runs the asyncio loop."""
+        main = other = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended
+                continue
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+            if int(tid) == self.proc.pid:
+                main += cpu
+            else:
+                other += cpu
+        return main, other
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -239,6 +256,30 @@ def host_cpu_ticks():
     return sum(v) - idle, sum(v)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_seconds(metrics_port: int):
+    """The server's flashserve_worker_seconds_total by kind (busy, cpu, gpu_wait), from its /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "flashserve_worker_seconds":
+            for sample in fam.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["kind"]] = sample.value
+    return out
+
+
 def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
     from flashserve.server.loadtest import Workload, run_sweep
 
@@ -246,20 +287,37 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
     wl = Workload(tokens=512, heads=16, head_dim=64, dtype="bfloat16", op="forward")
     for name, flags in (("batching on", ["--batch-tokens", "32768", "--batch-delay-us", "500"]),
                         ("batching off", ["--batch-tokens", "0"])):
-        srv = Proc(["--backend", "auto", "--allow-shm", "--device", device, *flags, *extra], tmpdir)
+        port = free_port()
+        srv = Proc(["--backend", "auto", "--allow-shm", "--device", device, "--metrics-port", str(port), *flags,
+                    *extra], tmpdir)
         try:
             cpu0 = srv.cpu_s()  # includes the warm-up requests: a slight over-estimate per request
+            threads0 = srv.thread_cpu_s()
+            work0 = worker_seconds(port)
             host0 = host_cpu_ticks()
             rep = run_sweep(srv.target, wl, [concurrency], duration=60, count=count, warmup=1, transport="shm",
                             progress=False, client_kwargs=dict(timeout=600), processes=processes)
             server_cpu_s = srv.cpu_s() - cpu0
+            threads1 = srv.thread_cpu_s()
+            work1 = worker_seconds(port)
             host1 = host_cpu_ticks()
         finally:
             srv.stop()
         lvl = rep["levels"][0]
         out[name] = {k: lvl[k] for k in ("requests", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
                                          "latency_ms", "mean_batch_requests", "launches_per_request", "stage_ms_p50")}
-        out[name]["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / max(1, lvl["requests"])
+        n = max(1, lvl["requests"])
+        out[name]["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / n
+        # where the server's time per request goes: its event-loop thread's CPU, and the compute workers' wall
+        # time split into CPU, waits for the GPU and the rest (runnable but not running: the GIL, a busy host)
+        work = {k: work1.get(k, 0.0) - work0.get(k, 0.0) for k in ("busy", "cpu", "gpu_wait")}
+        out[name]["server_ms_per_request"] = {
+            "event_loop_cpu": (threads1[0] - threads0[0]) * 1e3 / n,
+            "other_threads_cpu": (threads1[1] - threads0[1]) * 1e3 / n,
+            "worker_busy": work["busy"] * 1e3 / n, "worker_cpu": work["cpu"] * 1e3 / n,
+            "worker_gpu_wait": work["gpu_wait"] * 1e3 / n,
+            "worker_other": (work["busy"] - work["cpu"] - work["gpu_wait"]) * 1e3 / n}
+        out[name]["worker_utilisation"] = work["busy"] / max(1e-9, lvl["duration_s"])  # busy workers on average
         if host0 and host1:  # how busy the whole host was (clients included): are the clients the limit?
             out[name]["host_cpu_busy_fraction"] = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
         out[name]["transport"] = rep["transport"]
@@ -268,6 +326,8 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
               f"p50 {lvl['latency_ms']['p50']:.0f} ms, p99 {lvl['latency_ms']['p99']:.0f} ms, server CPU "
               f"{out[name]['server_cpu_ms_per_request']:.2f} ms/request, host CPU busy "
               f"{out[name].get('host_cpu_busy_fraction', float('nan')):.0%}", flush=True)
+        print("    server ms/request: " + ", ".join(f"{k} {v:.2f}" for k, v in out[name]["server_ms_per_request"].items())
+              + f"; workers busy on average {out[name]['worker_utilisation']:.2f}", flush=True)
     out["throughput_ratio"] = out["batching on"]["requests_per_s"] / out["batching off"]["requests_per_s"]
     out["workload"] = dict(wl.shape, concurrency=concurrency, requests=count, client_processes=processes)
     return out
@@ -375,8 +435,18 @@ def to_markdown(r) -> str:
          "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
          f"- server backend: {r.get('server', {}).get('backend', 'not recorded')} on "
          f"{r.get('server', {}).get('device', r['device'])}",
-         f"- command: `{r['command']}` (total {r['total_s']:.0f} s)", "",
-         "## 1-2. Forward round trips over loopback vs raw gRPC bytes, and shared memory", "",
+         f"- command: `{r['command']}` (total {r['total_s']:.0f} s)"]
+    if "payload" in r:
+        L += _payload_markdown(r)
+    if r.get("batching"):
+        L += _batching_markdown(r["batching"])
+    if "residuals" in r:
+        L += _residuals_markdown(r)
+    return "\n".join(L) + "\n"
+
+
+def _payload_markdown(r):
+    L = ["", "## 1-2. Forward round trips over loopback vs raw gRPC bytes, and shared memory", "",
          "Payload = q (head dim 256, one head; fp32 on CPU, bf16 on CUDA) up plus out + lse down; k/v are 16 tokens, so compute is small "
          "and reported apart. MB/s = (bytes up + bytes down) / round-trip time, median of the repeats. "
          "Raw gRPC = a generic grpcio server (own process) reading the same number of bytes as 4 MB messages and "
@@ -392,33 +462,50 @@ def to_markdown(r) -> str:
                if "shm_s" in row else "- | - | -")
         L.append(f"| {row['payload_mb']} MB | {row['flashserve_mb_s']:.0f} | {row['raw_grpc_mb_s']:.0f} | "
                  f"{row['ratio']:.2f} | {row['server_compute_s'] * 1e3:.1f} | {row['ratio_excl_compute']:.2f} | {shm} |")
-    if r.get("batching"):
-        b = r["batching"]
-        w = b["workload"]
-        L += ["", f"## 3. Batching on / off ({w['concurrency']} concurrent clients in {w.get('client_processes', 1)} "
-                  f"processes, {w['requests']} forward requests of "
-                  f"{w['tokens']} tokens x {w['heads']} heads x {w['head_dim']} {w['dtype']}, transport "
-                  f"{b['batching on']['transport']}, server on {b['batching on']['server_device']})", "",
-              "| setting | req/s | tokens/s | kernel launches / request | mean requests / launch | p50 ms | p99 ms | "
-              "server CPU ms / request | host CPU busy | errors |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    return L
+
+
+def _batching_markdown(b):
+    w = b["workload"]
+    L = ["", f"## 3. Batching on / off ({w['concurrency']} concurrent clients in {w.get('client_processes', 1)} "
+              f"processes, {w['requests']} forward requests of "
+              f"{w['tokens']} tokens x {w['heads']} heads x {w['head_dim']} {w['dtype']}, transport "
+              f"{b['batching on']['transport']}, server on {b['batching on']['server_device']})", "",
+          "| setting | req/s | tokens/s | kernel launches / request | mean requests / launch | p50 ms | p99 ms | "
+          "server CPU ms / request | host CPU busy | errors |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in ("batching on", "batching off"):
+        x = b[name]
+        L.append(f"| {name} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:.0f} | {x['launches_per_request']:.3f} | "
+                 f"{x['mean_batch_requests']:.2f} | {x['latency_ms']['p50']:.0f} | {x['latency_ms']['p99']:.0f} | "
+                 f"{x.get('server_cpu_ms_per_request', float('nan')):.2f} | "
+                 f"{x.get('host_cpu_busy_fraction', float('nan')):.0%} | {x['error_count']} |")
+    L.append(f"\nthroughput on / off: {b['throughput_ratio']:.2f}x")
+    L += ["", "Median ms per request by server stage (flashserve bench); outside = round trip minus the stages "
+          "(client work, gRPC both ways, validation, waits for a thread):", "",
+          "| setting | receive | queue | copy in | compute | copy out | outside |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in ("batching on", "batching off"):
+        st = b[name].get("stage_ms_p50", {})
+        L.append(f"| {name} | " + " | ".join(f"{st.get(k, float('nan')):.2f}" for k in
+                                          ("receive", "queue", "copy_in", "compute", "copy_out", "outside")) + " |")
+    if "server_ms_per_request" in b["batching on"]:
+        L += ["", "Server time per request (ms; event loop = the main thread's CPU; worker = compute threads' wall "
+              "time inside launches, split into their CPU, waits for the GPU, and the rest: runnable but not "
+              "running, i.e. the GIL or a busy host); workers busy = mean number of busy compute workers:", "",
+              "| setting | event loop CPU | other threads CPU | worker busy | worker CPU | worker GPU wait | "
+              "worker other | workers busy |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name in ("batching on", "batching off"):
-            x = b[name]
-            L.append(f"| {name} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:.0f} | {x['launches_per_request']:.3f} | "
-                     f"{x['mean_batch_requests']:.2f} | {x['latency_ms']['p50']:.0f} | {x['latency_ms']['p99']:.0f} | "
-                     f"{x.get('server_cpu_ms_per_request', float('nan')):.2f} | "
-                     f"{x.get('host_cpu_busy_fraction', float('nan')):.0%} | {x['error_count']} |")
-        L.append(f"\nthroughput on / off: {b['throughput_ratio']:.2f}x")
-        L += ["", "Median ms per request by server stage (flashserve bench); outside = round trip minus the stages "
-              "(client work, gRPC both ways, validation, waits for a thread):", "",
-              "| setting | receive | queue | copy in | compute | copy out | outside |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for name in ("batching on", "batching off"):
-            st = b[name].get("stage_ms_p50", {})
-            L.append(f"| {name} | " + " | ".join(f"{st.get(k, float('nan')):.2f}" for k in
-                                              ("receive", "queue", "copy_in", "compute", "copy_out", "outside")) + " |")
+            m = b[name]["server_ms_per_request"]
+            L.append(f"| {name} | " + " | ".join(f"{m[k]:.2f}" for k in (
+                "event_loop_cpu", "other_threads_cpu", "worker_busy", "worker_cpu", "worker_gpu_wait",
+                "worker_other")) + f" | {b[name]['worker_utilisation']:.2f} |")
+    return L
+
+
+def _residuals_markdown(r):
     rb = r["residuals"]
-    L += ["", f"## 4. Residuals: wire bytes of one training step ({rb['shape']}, gRPC chunks)", "",
+    L = ["", f"## 4. Residuals: wire bytes of one training step ({rb['shape']}, gRPC chunks)", "",
           "| | up (client to server) | down | total |", "| --- | ---: | ---: | ---: |",
           f"| forward (keep residuals) | {rb['forward_up']:,} | {rb['forward_down']:,} | "
           f"{rb['forward_up'] + rb['forward_down']:,} |",
@@ -437,7 +524,7 @@ def to_markdown(r) -> str:
                  f"{t['compute_ms']:.1f} | {t['copy_out_ms']:.2f} | {t['wire_and_rest_ms']:.1f} |")
     L += ["", "receive = first frame to last input byte on the server (part of the wire); wire + rest = total minus "
               "queue, copies and compute (client encode/decode, gRPC both ways, validation)."]
-    return "\n".join(L) + "\n"
+    return L
 
 
 def main(argv=None) -> int:
@@ -448,12 +535,15 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=64, help="clients in the batching comparison")
     p.add_argument("--batch-requests", type=int, default=0, help="requests per batching setting (0: by device)")
     p.add_argument("--skip-batching", action="store_true")
+    p.add_argument("--batching-only", action="store_true", help="only section 3 (batching on / off)")
     p.add_argument("--client-processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                    help="processes the batching comparison's clients are spread over")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--sizes", help="payload sizes in MB, comma-separated (default: by --quick)")
     p.add_argument("--chunk-bytes", type=int, default=0, help="largest chunk of the gRPC path (0: the client's default)")
     p.add_argument("--tag", default="", help="suffix of the result files' names")
+    p.add_argument("--server-args", default="", help="extra `flashserve serve` flags for the batching comparison's "
+                                                     "servers, e.g. \"--workers 4\"")
     args = p.parse_args(argv)
     if args.raw_server:
         raw_server_main(args.raw_server)
@@ -475,28 +565,30 @@ def main(argv=None) -> int:
               "versions": {"flashserve": flashserve.__version__, "torch": torch.__version__,
                            "grpcio": grpc.__version__, "python": platform.python_version()},
               "command": "python bench/service.py " + " ".join(a for a in (argv or sys.argv[1:]))}
-    fs = Proc(["--backend", "auto", "--allow-shm", *extra], tmp)
-    raw = Proc([], tmp, raw=True)
-    try:
-        with flashserve.Client(fs.target, timeout=60) as c:
-            info = c.server_info()
-            report["server"] = {"backend": info.backend, "device": info.device}
-        print(f"1-2. payload sweep ({fs.target} vs raw {raw.target}, {info.backend} backend)", flush=True)
-        report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64, dtype=dtype,
-                                          chunk_bytes=args.chunk_bytes)
-        report["chunk_bytes"] = args.chunk_bytes or flashserve.wire.DEFAULT_CHUNK_BYTES
-        print("4. residual wire bytes", flush=True)
-        report["residuals"] = residual_bytes(fs.target)
-        print("5. time split", flush=True)
-        report["time_split"] = time_split(fs.target, dtype)
-    finally:
-        fs.stop()
-        raw.stop()
+    if not args.batching_only:
+        fs = Proc(["--backend", "auto", "--allow-shm", *extra], tmp)
+        raw = Proc([], tmp, raw=True)
+        try:
+            with flashserve.Client(fs.target, timeout=60) as c:
+                info = c.server_info()
+                report["server"] = {"backend": info.backend, "device": info.device}
+            print(f"1-2. payload sweep ({fs.target} vs raw {raw.target}, {info.backend} backend)", flush=True)
+            report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64, dtype=dtype,
+                                              chunk_bytes=args.chunk_bytes)
+            report["chunk_bytes"] = args.chunk_bytes or flashserve.wire.DEFAULT_CHUNK_BYTES
+            print("4. residual wire bytes", flush=True)
+            report["residuals"] = residual_bytes(fs.target)
+            print("5. time split", flush=True)
+            report["time_split"] = time_split(fs.target, dtype)
+        finally:
+            fs.stop()
+            raw.stop()
     if not args.skip_batching:
         n = args.batch_requests or (2048 if args.device == "cuda" else (64 if args.quick else 128))
         print(f"3. batching on/off ({args.concurrency} clients, {n} requests each setting)", flush=True)
         report["batching"] = batching_pair(tmp, args.device, args.concurrency, n,
-                                           ["--max-concurrent", str(max(256, 2 * args.concurrency))],
+                                           ["--max-concurrent", str(max(256, 2 * args.concurrency)),
+                                            *args.server_args.split()],
                                            processes=args.client_processes)
     report["total_s"] = time.perf_counter() - t_start
     os.makedirs(args.out, exist_ok=True)

@@ -64,9 +64,10 @@ def describe(name: str, tensor: torch.Tensor) -> pb.TensorDesc:
 def expected_nbytes(desc: pb.TensorDesc) -> int:
     if desc.dtype not in PROTO_TO_TORCH:
         raise WireError(f"tensor '{desc.name}': unknown dtype {desc.dtype}", desc.name)
-    if any(d < 0 for d in desc.shape):
-        raise WireError(f"tensor '{desc.name}': negative dimension in shape {list(desc.shape)}", desc.name)
-    return math.prod(desc.shape) * ITEMSIZE[desc.dtype]
+    shape = list(desc.shape)  # one conversion: each access to a protobuf repeated field costs a call
+    if shape and min(shape) < 0:
+        raise WireError(f"tensor '{desc.name}': negative dimension in shape {shape}", desc.name)
+    return math.prod(shape) * ITEMSIZE[desc.dtype]
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

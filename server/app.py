@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Optional
 
@@ -109,6 +110,8 @@ async def serve(config: ServerConfig, ready: Optional[threading.Event] = None) -
         metrics.serve_metrics(config.metrics_port, "0.0.0.0" if config.host in ("0.0.0.0", "::") else config.host)
     backend = create_backend(config.backend, config.device or None)
     set_cpu_threads(config, backend)  # the process is ours (not so for in-process servers: tests, demo)
+    if config.gil_switch_us > 0:
+        sys.setswitchinterval(config.gil_switch_us / 1e6)
     running = await build_server(config, backend)
     print(f"flashserve listening on {config.host}:{running.port} (backend {running.service.backend.name}, "
           f"device {running.service.backend.device_name()})", flush=True)

@@ -22,6 +22,7 @@ class ServerConfig:
     chunk_bytes: int = dataclasses.field(default=4 << 20, metadata={"help": "largest response chunk (payloads under 16 of them use smaller chunks, at least 1 MB)"})
     workers: int = dataclasses.field(default=2, metadata={"help": "compute threads"})
     cpu_threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per compute thread on a CPU backend (0: cores / workers)"})
+    gil_switch_us: int = dataclasses.field(default=0, metadata={"help": "Python's GIL switch interval in microseconds (0: Python's 5000); shorter lets compute threads get the GIL back sooner from a busy event loop"})
     batch_tokens: int = dataclasses.field(default=32768, metadata={"help": "token budget of one batched launch (0: no batching)"})
     batch_delay_us: int = dataclasses.field(default=500, metadata={"help": "max time a request waits to be batched"})
     allow_shm: bool = dataclasses.field(default=False, metadata={"help": "accept same-host shared-memory tensors"})

@@ -28,5 +28,10 @@ LAUNCHES = Counter("flashserve_kernel_launches_total", "Backend compute calls (o
 RESIDUAL_BYTES = Gauge("flashserve_residual_bytes", "Bytes of residuals kept for backward", registry=REGISTRY)
 RESIDUAL_EVICTIONS = Counter("flashserve_residual_evictions_total", "Residual sets evicted (budget or TTL)",
                              ["reason"], registry=REGISTRY)
+# Where the compute workers' time goes: "busy" is wall time inside a launch's worker call (its job preparation,
+# copies, compute and outputs), "cpu" that thread's CPU time, "gpu_wait" the part spent waiting for CUDA streams.
+# busy - cpu - gpu_wait is time the worker was runnable but not running (the GIL, or a busy host).
+WORKER_SECONDS = Counter("flashserve_worker_seconds_total", "Compute-worker seconds by kind (busy, cpu, gpu_wait)",
+                         ["kind"], registry=REGISTRY)
 SHM_BYTES = Counter("flashserve_shm_bytes_total", "Tensor bytes moved through shared memory", ["direction"],
                     registry=REGISTRY)

@@ -211,8 +211,9 @@ def attention_params(header: pb.Header, head_dim: int, caps: Capabilities, opera
                            max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k)
 
 
-def check_cu_seqlens(cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> None:
-    values = cu.tolist()
+def check_cu_seqlens(cu, name: str, total: int, max_seqlen: int, max_name: str) -> None:
+    """cu: a CPU tensor or its values as a list."""
+    values = cu if isinstance(cu, list) else cu.tolist()
     if values[0] != 0:
         raise invalid(f"{name}: must start at 0, starts at {values[0]}")
     lengths = [b - a for a, b in zip(values, values[1:])]
@@ -228,8 +229,11 @@ def check_cu_seqlens(cu: torch.Tensor, name: str, total: int, max_seqlen: int, m
 
 
 def check_contents(tensors: Dict[str, torch.Tensor], shapes: Shapes, params: AttentionParams) -> AttentionParams:
-    """Value checks on the received tensors; returns params with max_seqlen filled in if unset (0)."""
-    cq, ck = tensors["cu_seqlens_q"], tensors["cu_seqlens_k"]
+    """Value checks on the received tensors; returns params with max_seqlen filled in if unset (0).
+
+    Works on Python lists (tolist() of a CPU tensor keeps the GIL): every torch op that releases the GIL
+    can leave the event loop waiting for a compute worker's next switch."""
+    cq, ck = tensors["cu_seqlens_q"].tolist(), tensors["cu_seqlens_k"].tolist()
     mq = params.max_seqlen_q or _longest(cq)
     mk = params.max_seqlen_k or _longest(ck)
     check_cu_seqlens(cq, "cu_seqlens_q", shapes.total_q, mq, "max_seqlen_q")
@@ -240,5 +244,5 @@ def check_contents(tensors: Dict[str, torch.Tensor], shapes: Shapes, params: Att
     return dataclasses.replace(params, max_seqlen_q=mq, max_seqlen_k=mk)
 
 
-def _longest(cu: torch.Tensor) -> int:
-    return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+def _longest(values) -> int:
+    return max((b - a for a, b in zip(values, values[1:])), default=0)

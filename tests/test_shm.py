@@ -16,6 +16,7 @@ from flashserve.proto import attention_pb2 as pb
 from flashserve.proto import attention_pb2_grpc as pb_grpc
 from flashserve.server import BackgroundServer, ServerConfig
 from flashserve.server.backends.torch_backend import TorchBackend
+from flashserve.server import shm as server_shm
 from flashserve.server.shm import _Region
 from flashserve.server.validation import RequestError
 from naive import rel_err
@@ -99,8 +100,6 @@ def test_memfd_region_is_sealed_mapped_once_and_forgotten_when_closed(shm_server
 
 
 def test_client_falls_back_to_files_when_server_cannot_open_memfds(shm_server, monkeypatch):
-    from flashserve.server import shm as server_shm
-
     def refuse(self, name, field):
         raise server_shm._invalid(f"{field}: unknown shared-memory region {name!r} (test)")
 
@@ -458,14 +457,18 @@ def test_unpinnable_regions_are_left_for_the_staging_copy():
     file_region.close()
 
 
-def test_output_placer_gives_the_places_write_outputs_uses():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_output_placer_gives_the_places_write_outputs_uses(monkeypatch, dtype):
     transport, reg = pinned_transport()
     region = client_shm.Region(1 << 20, memfd=True)
     header = shm_request(region)
     holds = []
     place = transport.output_placer(header, holds)
     g = torch.Generator().manual_seed(5)
-    outputs = {"out": torch.randn(16, 2, 8, generator=g), "softmax_lse": torch.randn(2, 16, generator=g)}
+    outputs = {"out": torch.randn(16, 2, 8, generator=g).to(dtype), "softmax_lse": torch.randn(2, 16, generator=g)}
+    stats = []  # liveness checks (a stat of /proc/PID/fd/N): only needed when something is left to write
+    real_alive = server_shm._Mapped.alive
+    monkeypatch.setattr(server_shm._Mapped, "alive", lambda self: stats.append(1) or real_alive(self))
     direct = {}
     for name, t in outputs.items():  # what the CUDA copy-out does: the device-to-host copy lands in the place
         dst = place(name, t)
@@ -475,13 +478,14 @@ def test_output_placer_gives_the_places_write_outputs_uses():
     assert place("out", outputs["out"]).data_ptr() == direct["out"].data_ptr()  # a retried job: same place
     descs = transport.write_outputs(header, direct)
     assert transport.bytes_direct_out == sum(t.nbytes for t in outputs.values())  # nothing copied again
+    assert stats == []
     for d in descs:
         assert torch.equal(region.take(d.shm.offset, wire.PROTO_TO_TORCH[d.dtype], d.shape), outputs[d.name])
     # staged outputs (the placer said no) are copied by write_outputs as before
     staged = {n: t.clone() for n, t in outputs.items()}
     before = transport.bytes_direct_out
     transport.write_outputs(header, staged)
-    assert transport.bytes_direct_out == before
+    assert transport.bytes_direct_out == before and stats == [1]
     transport.release(holds)
     assert len(reg.live) == 1  # still cached (not evicted): pinned for the next call
     late = transport.output_placer(shm_request(region, output_offset=(1 << 20) - 256), [])

@@ -30,6 +30,11 @@ def _as_int64(x: int) -> int:
     return x - (1 << 64) if x >= (1 << 63) else x
 
 
+def _on(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """t on device as dtype; no torch call when it already is (each call may wait to get the GIL back)."""
+    return t if (t.device == device and t.dtype == dtype) else t.to(device=device, dtype=dtype)
+
+
 def _max_seqlen(cu: torch.Tensor, given: int) -> int:
     if given and given > 0:
         return int(given)
@@ -69,10 +74,10 @@ class FlashBackend(Backend):
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params: AttentionParams,
                 alibi_slopes: Optional[torch.Tensor] = None, return_softmax: bool = False) -> ForwardResult:
-        cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32)
-        cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32)
+        cu_q = _on(cu_seqlens_q, q.device, torch.int32)
+        cu_k = _on(cu_seqlens_k, q.device, torch.int32)
         if alibi_slopes is not None:
-            alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
+            alibi_slopes = _on(alibi_slopes, q.device, torch.float32)
         # Head dims that are not a multiple of 8 are zero-padded (and the output sliced back) in _C.fwd.
         out, lse, s_dmask = _C.fwd(
             q, k, v, cu_q, cu_k,
@@ -90,8 +95,8 @@ class FlashBackend(Backend):
             raise NotImplementedError(
                 "the flash backend's backward pass is not built yet (flashserve._C has no bwd); "
                 "use the cpu/torch backend for backward")
-        cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32)
-        cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32)
+        cu_q = _on(cu_seqlens_q, q.device, torch.int32)
+        cu_k = _on(cu_seqlens_k, q.device, torch.int32)
         dq, dk, dv = _C.bwd(
             dout, q, k, v, out, softmax_lse, cu_q, cu_k,
             _max_seqlen(cu_q, params.max_seqlen_q), _max_seqlen(cu_k, params.max_seqlen_k),
