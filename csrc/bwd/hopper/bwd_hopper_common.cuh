@@ -168,11 +168,13 @@ __device__ __forceinline__ void store_dk_dv(const BwdParams& p, const float (&dk
   }
 }
 
-// Launches one instantiation of a Hopper backward kernel with traits Tr (grid: K/V blocks x heads x sequences);
+// Launches one instantiation of a Hopper backward kernel with traits Tr (grid: K/V blocks x heads x sequences;
+// arguments p, then `extra`);
 // probe: only says whether it would. *used = false (and nothing launched) when this binary holds no sm_90a code
 // for it.
-template <class Tr, class Kernel>
-cudaError_t launch_hopper_bwd(Kernel kernel, const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
+template <class Tr, class Kernel, class... Extra>
+cudaError_t launch_hopper_bwd(Kernel kernel, const BwdParams& p, cudaStream_t stream, bool* used, bool probe,
+                              Extra... extra) {
   *used = false;
   cudaFuncAttributes attr;
   cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
@@ -191,7 +193,7 @@ cudaError_t launch_hopper_bwd(Kernel kernel, const BwdParams& p, cudaStream_t st
   if (nkb == 0 || p.b == 0 || p.h == 0) return cudaSuccess;
   // Deterministic mode relies on blocks starting in increasing blockIdx.x (x varies fastest): block kb waits
   // only for blocks kb' < kb of its (head, sequence).
-  kernel<<<dim3(nkb, p.h, p.b), Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  kernel<<<dim3(nkb, p.h, p.b), Tr::kThreads, Tr::kSmemBytes, stream>>>(p, extra...);
   return cudaGetLastError();
 }
 

@@ -16,7 +16,9 @@
 // are double-buffered with cp.async (the next tile loads while this one computes).
 // Dropout is not here: the dispatcher keeps such calls on the mma.sync kernel.
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "bwd_hopper_common.cuh"
@@ -42,7 +44,7 @@ struct HTraits {
 };
 
 template <typename T, int kD, bool kExtras, bool kDet>
-__global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p, const int chunk) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = HTraits<kD>;
   constexpr int Bc = Tr::Bc, Br = Tr::Br, kDQ = Tr::kDQ;
@@ -61,7 +63,19 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
   const int tid = threadIdx.x, lane = tid & 31;
   const int wg = tid >> 7, wwarp = (tid >> 5) & 3;  // warpgroup, warp within it
   const int g = lane >> 2, t = lane & 3;
-  const int h = blockIdx.y, b = blockIdx.z;
+  // Default mode with chunk > 1: the linear block index (blocks start in about this order) maps to (kb, h, b) in
+  // chunks of `chunk` (head, sequence) pairs with kb slowest inside a chunk, so under a causal mask the long K/V
+  // blocks (far from the diagonal) start first and the grid ends on short ones; chunk = 1: kb = blockIdx.x.
+  int bx = (int)blockIdx.x, h = (int)blockIdx.y, b = (int)blockIdx.z;
+  if (!kDet && chunk > 1) {
+    const int nkbm = (int)gridDim.x, npairs = p.b * p.h, per = chunk * nkbm;
+    const int w = bx + nkbm * (h + p.h * b);
+    const int c = w / per, r = w - c * per, pair0 = c * chunk, cc = min(chunk, npairs - pair0);
+    bx = r / cc;
+    const int pair = pair0 + (r - bx * cc);
+    b = pair / p.h;
+    h = pair - b * p.h;
+  }
   const int group = p.h / p.h_k;
   const int hk = h / group;
 
@@ -100,7 +114,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p) {
   // additions in decreasing kb: the block nearest the diagonal reaches a query block first. Either way a block
   // waits only for blocks of lower blockIdx.x (started before it: no deadlock).
   const bool rev = det && wr >= 0;
-  const int kb = rev ? nkb - 1 - (int)blockIdx.x : (int)blockIdx.x;
+  const int kb = rev ? nkb - 1 - bx : bx;
   // Deterministic: K/V block kb adds into dQ slice kb % num_splits (summed in order by the postprocess), so
   // the chain of blocks that wait for each other at a query block is num_splits times shorter.
   const int ns = det ? p.num_splits : 1;
@@ -325,7 +339,19 @@ cudaError_t run_hopper_impl(const BwdParams& p, cudaStream_t stream, bool* used,
                                           : bwd_hopper_kernel<T, kD, true, false>)
                        : (p.deterministic ? bwd_hopper_kernel<T, kD, false, true>
                                           : bwd_hopper_kernel<T, kD, false, false>);
-  return launch_hopper_bwd<HTraits<kD>>(kernel, p, stream, used, probe);
+  // Block order (default mode): at d128 with a diagonal bound (the K/V blocks differ in length there) and at most
+  // 16 K/V blocks, chunks of about two waves of blocks; else the plain order (measured on the H200, NOTES.md,
+  // session 6: +2.6-3.8% at d128 1k / 2k causal; d64 and longer rows gained nothing consistent or lost).
+  // FLASHSERVE_BWD_SCHED_CHUNK=C forces C (A/B).
+  int chunk = 1;
+  if (!p.deterministic) {
+    const int nkb = std::max(1, (p.max_seqlen_k + HTraits<kD>::Bc - 1) / HTraits<kD>::Bc);
+    const int sms = p.num_sms > 0 ? p.num_sms : 132;
+    if (kD == 128 && p.window_right >= 0 && nkb <= 16) chunk = (2 * sms + nkb - 1) / nkb;
+    if (const char* ce = std::getenv("FLASHSERVE_BWD_SCHED_CHUNK")) chunk = std::atoi(ce);
+    chunk = std::max(1, std::min(chunk, std::max(1, p.b * p.h)));
+  }
+  return launch_hopper_bwd<HTraits<kD>>(kernel, p, stream, used, probe, chunk);
 }
 
 }  // namespace hopper

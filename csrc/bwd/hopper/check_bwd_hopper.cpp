@@ -6,7 +6,8 @@
 //     csrc/bwd/hopper/check_bwd_hopper.cpp csrc/bwd/bwd_api.cu csrc/bwd/inst/bwd_hd{64,128,256}_*.cu
 //     csrc/bwd/hopper/bwd_hopper_hd*.cu -o check_bwd_hopper
 // FLASHSERVE_BWD_DET_SPLITS=n (read by plan()) forces the Hopper deterministic mode's dQ slice count.
-// Usage: check_bwd_hopper check [max_cases] | bench [row]   (env CHECK_FILTER=substring, BENCH_MODES=new,..., BENCH_ITERS=n)
+// Usage: check_bwd_hopper check [max_cases] | bench [row]   (env CHECK_FILTER=substring, BENCH_MODES=new,..., BENCH_ITERS=n,
+//   BENCH_ROW=d,s,causal,bf16 for one row outside the table)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -416,9 +417,21 @@ static int bench_all(int sms, int only_row) {
   for (const Mode& m : modes) std::printf(" %10s", m.name);
   std::printf(" %8s %8s\n", "new/old", "det/new");
   std::mt19937 rng(7);
-  for (int ri = 0; ri < (int)(sizeof(rows) / sizeof(rows[0])); ++ri) {
+  // BENCH_ROW=d,s,causal,bf16 (e.g. 64,2048,1,1): time this one row instead of the table.
+  std::vector<Row> rowv(rows, rows + sizeof(rows) / sizeof(rows[0]));
+  if (const char* br = std::getenv("BENCH_ROW")) {
+    Row x{};
+    int cz = 0, bz = 1;
+    if (std::sscanf(br, "%d,%d,%d,%d", &x.d, &x.s, &cz, &bz) >= 2) {
+      x.causal = cz != 0;
+      x.bf16 = bz != 0;
+      rowv.assign(1, x);
+      only_row = -1;
+    }
+  }
+  for (int ri = 0; ri < (int)rowv.size(); ++ri) {
     if (only_row >= 0 && ri != only_row) continue;
-    const Row& r = rows[ri];
+    const Row& r = rowv[ri];
     const int tokens = 16384, b = tokens / r.s, h = 2048 / r.d;
     Case c;
     c.sq.assign(b, r.s); c.sk.assign(b, r.s);
@@ -434,11 +447,20 @@ static int bench_all(int sms, int only_row) {
     for (int sidx = 0; sidx < kSets; ++sidx) {
       D[sidx] = Dev{};
       for (void** x : {&D[sidx].q, &D[sidx].k, &D[sidx].v, &D[sidx].o, &D[sidx].dout}) {
-        uint32_t st = (uint32_t)rng() | 1u;  // xorshift: fast uniform values in [-1, 1)
-        for (auto& y : host) {
-          st ^= st << 13; st ^= st >> 17; st ^= st << 5;
-          y = to16((float)(st >> 8) * (2.f / 16777216.f) - 1.f, r.bf16);
-        }
+        // xorshift: fast uniform values in [-1, 1), 16 host threads (one stream each)
+        const uint32_t seed = (uint32_t)rng();
+        const bool bf = r.bf16;
+        std::vector<std::thread> fill;
+        for (int w = 0; w < 16; ++w)
+          fill.emplace_back([&host, seed, bf, w]() {
+            uint32_t st = (seed ^ (0x9E3779B9u * (uint32_t)(w + 1))) | 1u;
+            const size_t lo = host.size() * w / 16, hi = host.size() * (w + 1) / 16;
+            for (size_t i = lo; i < hi; ++i) {
+              st ^= st << 13; st ^= st >> 17; st ^= st << 5;
+              host[i] = to16((float)(st >> 8) * (2.f / 16777216.f) - 1.f, bf);
+            }
+          });
+        for (auto& th : fill) th.join();
         *x = up(host);
       }
       std::vector<float> lse((size_t)h * tokens, std::log((float)r.s) + 0.5f);
