@@ -191,6 +191,13 @@ def _split(jobs: List[Job], outputs: Dict[str, torch.Tensor], host: bool = True)
 # next switch (up to sys.getswitchinterval(), 5 ms): measured on the H200 host, such waits were two thirds of a
 # worker's time. So a batch's copies go out as one foreach call each way (the slices they copy to and from are
 # made by indexing, which keeps the GIL), not as calls per member tensor.
+def _wait(stream) -> None:
+    """stream.synchronize(), its wall time counted as the worker's GPU wait."""
+    t = time.perf_counter()
+    stream.synchronize()
+    _GPU_WAIT.inc(time.perf_counter() - t)
+
+
 _FOREACH_COPY = [hasattr(torch, "_foreach_copy_")]
 
 
