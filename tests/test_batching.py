@@ -319,38 +319,3 @@ def test_prepare_and_finish_run_on_the_worker_and_a_failing_one_fails_alone():
         assert torch.allclose(results[i]["out"], want[i]["out"], atol=1e-6)
     assert stats["launches"] == 1 and stats["requests"] == 3
     assert main not in seen and len(seen) == 4 + 3
-
-
-@pytest.mark.parametrize("op", ["forward", "backward"])
-def test_gathered_device_inputs_equal_the_concatenation(op):
-    """The CUDA path's gather (one slice per member tensor, cu_seqlens shifted on the host, one copy call),
-    checked on CPU tensors against torch.cat of the pieces."""
-    from flashserve.server.scheduler import _copy_all, _device_inputs, _pieces, _split
-
-    gen = torch.Generator().manual_seed(3)
-    jobs = [make_job(gen, s, op=op, alibi="1d") for s in MIXED]
-    x, dsts, srcs = _device_inputs(jobs, torch.device("cpu"))
-    assert len(dsts) == len(srcs) == len(jobs) * (len(jobs[0].tensors) - 3) + 3  # + merged cu_q, cu_k, alibi
-    for d in dsts:
-        d.fill_(float("nan") if d.is_floating_point() else -1)  # poison: every element must be written
-    _copy_all(dsts, srcs)
-    want = _pieces(jobs)
-    for name, pieces in want.items():
-        assert torch.equal(x[name], torch.cat(pieces, dim=1 if name == "softmax_lse" else 0)), name
-    assert x["cu_seqlens_q"].dtype == torch.int32 and x["cu_seqlens_q"][-1].item() == sum(map(sum, MIXED))
-    # and back: per-member slices of a batched output, views on the device side
-    lse = torch.randn(4, int(x["cu_seqlens_q"][-1]))
-    parts = _split(jobs, {"softmax_lse": lse}, host=False)
-    assert torch.equal(torch.cat([p["softmax_lse"] for p in parts], dim=1), lse)
-    assert all(p["softmax_lse"].data_ptr() >= lse.data_ptr() for p in parts)  # views, not copies
-
-
-def test_single_job_inputs_are_copied_whole():
-    from flashserve.server.scheduler import _copy_all, _device_inputs
-
-    job = make_job(torch.Generator().manual_seed(4), [7, 9])
-    x, dsts, srcs = _device_inputs([job], torch.device("cpu"))
-    assert len(dsts) == len(job.tensors) and all(x[n] is not job.tensors[n] for n in job.tensors)
-    _copy_all(dsts, srcs)
-    assert all(torch.equal(x[n], job.tensors[n]) for n in job.tensors)
-    _copy_all([], [])  # nothing to copy is fine
