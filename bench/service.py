@@ -240,7 +240,7 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
                   f"MB/s, ratio {row['ratio']:.2f} (compute {row['server_compute_s'] * 1e3:.1f} ms)"
                   + (f", shm {row['shm_mb_s']:7.0f} MB/s = {row['shm_vs_grpc']:.1f}x" if "shm_s" in row else ""),
                   flush=True)
-            del q, k, v
+            q = k = v = None  # free the payload before the next size
     return rows
 
 
