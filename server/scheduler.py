@@ -265,10 +265,15 @@ def _device_inputs(jobs: List[Job], dev: torch.device):
     return x, dsts, srcs
 
 
+def _pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A page-locked host buffer (torch's caching host allocator keeps and reuses them)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 def _host_outputs(jobs: List[Job], outputs: Dict[str, torch.Tensor]):
-    """(per-job host outputs, host destinations, device sources). A job whose output_dest names a page-locked
-    place gets its slice copied straight there; otherwise a batch's outputs go whole into pinned buffers and
-    are split on the host (views)."""
+    """(host outputs: one dict per job, or one for the whole batch; host destinations; device sources). A job whose
+    output_dest names a page-locked place gets its slice copied straight there; otherwise a batch's outputs go
+    whole into pinned buffers, for `_split` once the copies are done."""
     outputs = {name: t for name, t in outputs.items() if t is not None}
     n = len(jobs)
     direct = any(j.output_dest is not None for j in jobs)
@@ -287,13 +292,12 @@ def _host_outputs(jobs: List[Job], outputs: Dict[str, torch.Tensor]):
                 except Exception:  # noqa: BLE001 - the job's finish reports what is wrong with its region
                     dst = None
             if dst is None:
-                dst = torch.empty(tuple(t.shape), dtype=t.dtype, pin_memory=True)
+                dst = _pinned_empty(tuple(t.shape), t.dtype)
             host[name] = dst
             dsts.append(dst)
             srcs.append(t)
         hosts.append(host)
-    results = hosts if (direct or n == 1) else _split(jobs, hosts[0])
-    return results, dsts, srcs
+    return hosts, dsts, srcs
 
 
 def _execute_cuda(backend: Backend, jobs: List[Job], stats: Stats) -> List[Dict[str, torch.Tensor]]:
@@ -322,10 +326,11 @@ def _execute_cuda(backend: Backend, jobs: List[Job], stats: Stats) -> List[Dict[
     # -- copy out: one device-to-host copy per output (per member where members name their places)
     with torch.cuda.stream(d2h):
         d2h.wait_stream(comp)
-        results, dsts, srcs = _host_outputs(jobs, outputs)
+        hosts, dsts, srcs = _host_outputs(jobs, outputs)
         _copy_all(dsts, srcs)
     _wait(d2h)
     stats.add(d2h_copies=len(srcs))
+    results = hosts if len(hosts) == len(jobs) else _split(jobs, hosts[0])  # split only once the bytes are there
     _record_timings(jobs, t0, t1, t2)
     return results
 

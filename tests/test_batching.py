@@ -354,3 +354,50 @@ def test_single_job_inputs_are_copied_whole():
     _copy_all(dsts, srcs)
     assert all(torch.equal(x[n], job.tensors[n]) for n in job.tensors)
     _copy_all([], [])  # nothing to copy is fine
+
+
+class _FakeStream:
+    """Stands in for a CUDA stream so the CUDA copy path's logic runs on CPU tensors."""
+
+    def synchronize(self):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.mark.parametrize("placed", [False, True])
+def test_cuda_copy_path_logic_on_cpu(monkeypatch, placed):
+    """The scheduler's CUDA path (gather, one launch, per-member or whole copy-out) run with CPU tensors and fake
+    streams: the same results as the CPU path, copies counted, and members that name their places get their outputs
+    written there. (What only a GPU shows, e.g. copies across devices, is in tests/gpu/test_overlap.py.)"""
+    import contextlib
+
+    from flashserve.server import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod._STREAMS, "get", lambda dev: (_FakeStream(), _FakeStream(), _FakeStream()))
+    monkeypatch.setattr(sched_mod.torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(sched_mod, "_pinned_empty", lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    gen = torch.Generator().manual_seed(6)
+    jobs = [make_job(gen, s) for s in MIXED]
+    want = [execute(BACKEND, clone(j)) for j in jobs]
+    places = {}
+    if placed:
+        for i, j in enumerate(jobs):
+            def dest(name, t, i=i):
+                places[(i, name)] = torch.full(tuple(t.shape), float("nan"), dtype=t.dtype)  # poisoned
+                return places[(i, name)]
+            j.output_dest = dest
+    stats = sched_mod.Stats()
+    got = sched_mod._execute_cuda(BACKEND, jobs, stats)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g["out"], w["out"])
+        torch.testing.assert_close(g["softmax_lse"], w["softmax_lse"])
+    s = stats.snapshot()
+    assert s["launches"] == 1 and s["requests"] == len(jobs)
+    assert s["h2d_copies"] == 3 * len(jobs) + 2  # q, k, v per member; merged cu_seqlens_q / _k
+    assert s["d2h_copies"] == (2 * len(jobs) if placed else 2)  # per member into its places, else whole
+    if placed:
+        assert all(got[i][name] is places[(i, name)] for i, name in places)
+    single = sched_mod._execute_cuda(BACKEND, [clone(jobs[2])], sched_mod.Stats())[0]
+    torch.testing.assert_close(single["out"], want[2]["out"])
