@@ -291,7 +291,7 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
         srv = Proc(["--backend", "auto", "--allow-shm", "--device", device, "--metrics-port", str(port), *flags,
                     *extra], tmpdir)
         try:
-            cpu0 = srv.cpu_s()  # includes the warm-up requests: a slight over-estimate per request
+            cpu0 = srv.cpu_s()  # counts the warm-up requests too (see n below)
             threads0 = srv.thread_cpu_s()
             work0 = worker_seconds(port)
             host0 = host_cpu_ticks()
@@ -306,7 +306,8 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
         lvl = rep["levels"][0]
         out[name] = {k: lvl[k] for k in ("requests", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
                                          "latency_ms", "mean_batch_requests", "launches_per_request", "stage_ms_p50")}
-        n = max(1, lvl["requests"])
+        # the counters also saw the warm-up requests (one per client): count them in
+        n = max(1, lvl["requests"] + concurrency)
         out[name]["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / n
         # where the server's time per request goes: its event-loop thread's CPU, and the compute workers' wall
         # time split into CPU, waits for the GPU and the rest (runnable but not running: the GIL, a busy host)
@@ -317,11 +318,13 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
             "worker_busy": work["busy"] * 1e3 / n, "worker_cpu": work["cpu"] * 1e3 / n,
             "worker_gpu_wait": work["gpu_wait"] * 1e3 / n,
             "worker_other": (work["busy"] - work["cpu"] - work["gpu_wait"]) * 1e3 / n}
-        out[name]["worker_utilisation"] = work["busy"] / max(1e-9, lvl["duration_s"])  # busy workers on average
+        # busy workers on average over the timed requests (the warm-up's share taken out)
+        out[name]["worker_utilisation"] = work["busy"] * lvl["requests"] / n / max(1e-9, lvl["duration_s"])
         if host0 and host1:  # how busy the whole host was (clients included): are the clients the limit?
             out[name]["host_cpu_busy_fraction"] = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
         out[name]["transport"] = rep["transport"]
         out[name]["server_device"] = rep["server"]["device"]
+        out[name]["server_backend"] = rep["server"]["backend"]
         print(f"  {name}: {lvl['requests_per_s']:.1f} req/s, {lvl['launches_per_request']:.3f} launches/request, "
               f"p50 {lvl['latency_ms']['p50']:.0f} ms, p99 {lvl['latency_ms']['p99']:.0f} ms, server CPU "
               f"{out[name]['server_cpu_ms_per_request']:.2f} ms/request, host CPU busy "
@@ -590,6 +593,9 @@ def main(argv=None) -> int:
                                            ["--max-concurrent", str(max(256, 2 * args.concurrency)),
                                             *args.server_args.split()],
                                            processes=args.client_processes)
+    if "server" not in report and report.get("batching"):
+        on = report["batching"]["batching on"]
+        report["server"] = {"backend": on["server_backend"], "device": on["server_device"]}
     report["total_s"] = time.perf_counter() - t_start
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"service_{args.device}_{report['date'][:10]}{args.tag}")
