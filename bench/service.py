@@ -103,27 +103,44 @@ class Proc:
             self.stop()
             raise RuntimeError(f"server {args} did not start")
 
+    def server_pids(self):
+        """The processes that serve: the server itself, or the processes of `serve --processes N`."""
+        kids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                            kids.append(int(entry))
+                except (OSError, ValueError):
+                    continue
+        return kids or [self.proc.pid]
+
     def cpu_s(self) -> float:
-        """CPU seconds the server process has used so far (user + system, all its threads)."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds the server processes have used so far (user + system, all their threads)."""
+        total = 0.0
+        for pid in self.server_pids():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def thread_cpu_s(self):
-        """(event-loop thread, all other threads) CPU seconds so far: the main thread runs the asyncio loop."""
+        """(event-loop threads, all other threads) CPU seconds so far: a server's main thread runs its asyncio loop."""
         main = other = 0.0
         tick = os.sysconf("SC_CLK_TCK")
-        for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
-            try:
-                with open(f"/proc/{self.proc.pid}/task/{tid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:  # the thread ended
-                continue
-            cpu = (int(fields[11]) + int(fields[12])) / tick
-            if int(tid) == self.proc.pid:
-                main += cpu
-            else:
-                other += cpu
+        for pid in self.server_pids():
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:  # the thread ended
+                    continue
+                cpu = (int(fields[11]) + int(fields[12])) / tick
+                if int(tid) == pid:
+                    main += cpu
+                else:
+                    other += cpu
         return main, other
 
     def stop(self):
@@ -264,19 +281,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_seconds(metrics_port: int):
-    """The server's flashserve_worker_seconds_total by kind (busy, cpu, gpu_wait), from its /metrics."""
+def worker_seconds(metrics_port: int, processes: int = 1):
+    """flashserve_worker_seconds_total by kind (busy, cpu, gpu_wait), summed over the servers' /metrics (process i
+    of `serve --processes N` serves them on metrics_port + i)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     out = {}
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "flashserve_worker_seconds":
-            for sample in fam.samples:
-                if sample.name.endswith("_total"):
-                    out[sample.labels["kind"]] = sample.value
+    for i in range(processes):
+        for attempt in range(120):  # a process of `serve --processes N` may still be starting
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + i}/metrics", timeout=10).read().decode()
+                break
+            except OSError:
+                if attempt == 119:
+                    raise
+                time.sleep(0.5)
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "flashserve_worker_seconds":
+                for sample in fam.samples:
+                    if sample.name.endswith("_total"):
+                        out[sample.labels["kind"]] = out.get(sample.labels["kind"], 0.0) + sample.value
     return out
 
 
@@ -285,28 +311,30 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
 
     out = {}
     wl = Workload(tokens=512, heads=16, head_dim=64, dtype="bfloat16", op="forward")
+    procs = int(extra[extra.index("--processes") + 1]) if "--processes" in extra else 1
     for name, flags in (("batching on", ["--batch-tokens", "32768", "--batch-delay-us", "500"]),
                         ("batching off", ["--batch-tokens", "0"])):
-        port = free_port()
+        port = free_port()  # (with --processes N, N ports from here on: free in practice on a test host)
         srv = Proc(["--backend", "auto", "--allow-shm", "--device", device, "--metrics-port", str(port), *flags,
                     *extra], tmpdir)
         try:
-            cpu0 = srv.cpu_s()  # includes the warm-up requests: a slight over-estimate per request
+            cpu0 = srv.cpu_s()  # counts the warm-up requests too (see n below)
             threads0 = srv.thread_cpu_s()
-            work0 = worker_seconds(port)
+            work0 = worker_seconds(port, procs)
             host0 = host_cpu_ticks()
             rep = run_sweep(srv.target, wl, [concurrency], duration=60, count=count, warmup=1, transport="shm",
                             progress=False, client_kwargs=dict(timeout=600), processes=processes)
             server_cpu_s = srv.cpu_s() - cpu0
             threads1 = srv.thread_cpu_s()
-            work1 = worker_seconds(port)
+            work1 = worker_seconds(port, procs)
             host1 = host_cpu_ticks()
         finally:
             srv.stop()
         lvl = rep["levels"][0]
         out[name] = {k: lvl[k] for k in ("requests", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
                                          "latency_ms", "mean_batch_requests", "launches_per_request", "stage_ms_p50")}
-        n = max(1, lvl["requests"])
+        # the counters also saw the warm-up requests (one per client): count them in
+        n = max(1, lvl["requests"] + concurrency)
         out[name]["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / n
         # where the server's time per request goes: its event-loop thread's CPU, and the compute workers' wall
         # time split into CPU, waits for the GPU and the rest (runnable but not running: the GIL, a busy host)
@@ -317,11 +345,13 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
             "worker_busy": work["busy"] * 1e3 / n, "worker_cpu": work["cpu"] * 1e3 / n,
             "worker_gpu_wait": work["gpu_wait"] * 1e3 / n,
             "worker_other": (work["busy"] - work["cpu"] - work["gpu_wait"]) * 1e3 / n}
-        out[name]["worker_utilisation"] = work["busy"] / max(1e-9, lvl["duration_s"])  # busy workers on average
+        # busy workers on average over the timed requests (the warm-up's share taken out)
+        out[name]["worker_utilisation"] = work["busy"] * lvl["requests"] / n / max(1e-9, lvl["duration_s"])
         if host0 and host1:  # how busy the whole host was (clients included): are the clients the limit?
             out[name]["host_cpu_busy_fraction"] = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
         out[name]["transport"] = rep["transport"]
         out[name]["server_device"] = rep["server"]["device"]
+        out[name]["server_backend"] = rep["server"]["backend"]
         print(f"  {name}: {lvl['requests_per_s']:.1f} req/s, {lvl['launches_per_request']:.3f} launches/request, "
               f"p50 {lvl['latency_ms']['p50']:.0f} ms, p99 {lvl['latency_ms']['p99']:.0f} ms, server CPU "
               f"{out[name]['server_cpu_ms_per_request']:.2f} ms/request, host CPU busy "
@@ -590,6 +620,9 @@ def main(argv=None) -> int:
                                            ["--max-concurrent", str(max(256, 2 * args.concurrency)),
                                             *args.server_args.split()],
                                            processes=args.client_processes)
+    if "server" not in report and report.get("batching"):
+        on = report["batching"]["batching on"]
+        report["server"] = {"backend": on["server_backend"], "device": on["server_device"]}
     report["total_s"] = time.perf_counter() - t_start
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"service_{args.device}_{report['date'][:10]}{args.tag}")

@@ -47,7 +47,11 @@ class Client:
         self.chunk_bytes = min(chunk_bytes, max_message_bytes - 1024)
         self.transport = transport
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   # A dropped connection (a server process restarting, one of `serve --processes N` dying) is
+                   # retried within a few hundred ms: gRPC's default first reconnect waits 1 s, longer than all
+                   # of this client's retries together, so they would fail fast against a channel still backing off.
+                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100)]
         if load_balancing:
             options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
         if tls or root_certificates:

@@ -68,4 +68,8 @@ esac
 [ -s "$OUT_DIR/bench.log" ] && grep -iE "error|traceback" -A3 "$OUT_DIR/bench.log" | head -20
 echo "== tests: $(grep -E '(passed|failed|error)' "$OUT_DIR/tests.log" | tail -1)"
 [ -s "$OUT_DIR/kernels.md" ] && cat "$OUT_DIR/kernels.md"
+# The device tool brings back only a few files per call: keep the tables (md, json), pack the logs into one.
+if [ -n "${OUT:-}" ]; then
+  (cd "$OUT_DIR" && ls ./*.log ./*.out >/dev/null 2>&1 && tar -czf logs.tgz --remove-files ./*.log ./*.out)
+fi
 exit $status

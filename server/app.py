@@ -40,11 +40,16 @@ class Running:
     port: int
 
 
+REUSEPORT_ENV = "FLASHSERVE_REUSEPORT"
+
+
 def grpc_options(config: ServerConfig):
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Off, so that a second server on a taken port fails instead of sharing it; on in the processes of
+        # `serve --processes N`, which share the port on purpose (server/processes.py sets the variable).
+        ("grpc.so_reuseport", 1 if os.environ.get(REUSEPORT_ENV) == "1" else 0),
     ]
 
 

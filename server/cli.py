@@ -12,6 +12,10 @@ from .config import ServerConfig
 def cmd_serve(args) -> int:
     config = ServerConfig.from_args(args)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.processes > 1:
+        from .processes import serve_processes
+
+        return serve_processes(config)
     asyncio.run(_serve(config))
     return 0
 

@@ -1,0 +1,136 @@
+"""`flashserve serve --processes N`: N server processes sharing one TCP port (SO_REUSEPORT).
+
+One Python process serves a few hundred small requests per second: its event loop and compute threads share one
+GIL (measured on an H200 host: bench/results/service_cuda_2026-12-03_h200_session6.md). N processes, each with
+its own loop, compute workers, batching and backend on the same device, serve N times that until the device or
+the host's cores are the limit. The kernel spreads new connections over the processes; a client's channel keeps
+its connection, so a Backward that names residuals reaches the process that kept them (after a reconnect the
+server answers FAILED_PRECONDITION and the client resends the tensors, as after an eviction).
+
+The supervisor holds no device and serves nothing itself: it reserves the port, starts the processes with the same
+settings (passed as FLASHSERVE_* variables; process i gets --metrics-port + i), relays their output, forwards
+SIGTERM / SIGINT (each process drains its calls), and restarts a process that dies, unless it dies right after
+starting twice in a row (a setting that cannot work), which stops them all."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional
+
+from .app import REUSEPORT_ENV
+from .config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+QUICK_EXIT_S = 10.0  # a process that exits this soon after starting, twice in a row, stops the supervisor
+
+
+def child_environment(config: ServerConfig, index: int, port: int) -> dict:
+    """The settings of process `index` as FLASHSERVE_* variables (a child reads them with no flags given)."""
+    env = dict(os.environ)
+    for f in dataclasses.fields(ServerConfig):
+        env[ServerConfig.env_name(f.name)] = str(getattr(config, f.name))
+    env[ServerConfig.env_name("processes")] = "1"
+    env[ServerConfig.env_name("port")] = str(port)
+    if config.metrics_port:
+        env[ServerConfig.env_name("metrics_port")] = str(config.metrics_port + index)
+    if not config.cpu_threads:  # a CPU backend's share of the cores, now split over the processes too
+        share = (os.cpu_count() or 1) // max(1, config.workers * config.processes)
+        env[ServerConfig.env_name("cpu_threads")] = str(max(1, share))
+    env[REUSEPORT_ENV] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound (not listening) SO_REUSEPORT socket on host:port (port 0: a free one), so that the processes can
+    all bind the same port and nothing else takes it meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    return s
+
+
+class Supervisor:
+    def __init__(self, config: ServerConfig):
+        if config.processes < 2:
+            raise ValueError("Supervisor runs 2 or more processes")
+        if config.unix_socket:
+            raise SystemExit("--unix-socket cannot be shared by several processes: use one process, or TCP only")
+        self.config = config
+        self.procs: List[Optional[subprocess.Popen]] = [None] * config.processes
+        self.started = [0.0] * config.processes
+        self.quick_exits = [0] * config.processes
+        self.stopping = threading.Event()
+        self.port = 0
+
+    def _start(self, i: int) -> None:
+        env = child_environment(self.config, i, self.port)
+        proc = subprocess.Popen([sys.executable, "-m", "flashserve.server.cli", "serve"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.procs[i], self.started[i] = proc, time.monotonic()
+        threading.Thread(target=self._relay, args=(i, proc), daemon=True).start()
+
+    @staticmethod
+    def _relay(i: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            sys.stdout.write(f"[{i}] {line}")
+            sys.stdout.flush()
+
+    def _stop_all(self, sig=signal.SIGTERM) -> None:
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                p.send_signal(sig)
+
+    def run(self) -> int:
+        try:
+            reserved = reserve_port(self.config.host, self.config.port)
+        except OSError as exc:
+            raise SystemExit(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
+        self.port = reserved.getsockname()[1]
+        print(f"flashserve supervisor: {self.config.processes} processes on {self.config.host}:{self.port}",
+              flush=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        for i in range(self.config.processes):
+            self._start(i)
+        failed = False
+        try:
+            while not self.stopping.wait(0.5):
+                for i, p in enumerate(self.procs):
+                    if p is None or p.poll() is None:
+                        continue
+                    quick = time.monotonic() - self.started[i] < QUICK_EXIT_S
+                    self.quick_exits[i] = self.quick_exits[i] + 1 if quick else 0
+                    if self.quick_exits[i] >= 2:
+                        log.error("process %d exited twice right after starting (code %s); stopping", i, p.returncode)
+                        failed = True
+                        self.stopping.set()
+                        break
+                    log.warning("process %d exited with code %s; restarting it", i, p.returncode)
+                    self._start(i)
+        finally:
+            reserved.close()
+            self._stop_all()
+            deadline = time.monotonic() + self.config.drain_s + 10
+            for p in self.procs:
+                if p is None:
+                    continue
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        return 1 if failed else 0
+
+
+def serve_processes(config: ServerConfig) -> int:
+    return Supervisor(config).run()
