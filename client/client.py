@@ -51,7 +51,10 @@ class Client:
                    # A dropped connection (a server process restarting, one of `serve --processes N` dying) is
                    # retried within a few hundred ms: gRPC's default first reconnect waits 1 s, longer than all
                    # of this client's retries together, so they would fail fast against a channel still backing off.
-                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100)]
+                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   # its own connection: gRPC would otherwise share one TCP connection among every channel of the
+                   # process with the same target and settings, and so send all of them to one server process
+                   ("grpc.use_local_subchannel_pool", 1)]
         if load_balancing:
             options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
         if tls or root_certificates:
