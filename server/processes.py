@@ -51,8 +51,12 @@ def child_environment(config: ServerConfig, index: int, port: int) -> dict:
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A bound (not listening) SO_REUSEPORT socket on host:port (port 0: a free one), so that the processes can
-    all bind the same port and nothing else takes it meanwhile."""
+    all bind the same port and nothing else takes it meanwhile. A plain bind first checks that nothing uses the
+    port: SO_REUSEPORT alone would let a second supervisor of the same user silently share it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, port))  # OSError (EADDRINUSE) when anything holds the port
+        port = probe.getsockname()[1]
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind((host, port))

@@ -143,6 +143,17 @@ def test_a_setting_that_cannot_work_stops_the_supervisor():
     assert "right after starting" in "".join(sup.lines) + out
 
 
+def test_a_taken_port_is_refused():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "flashserve.server.cli", "serve", "--processes", "2", "--port",
+                            str(port), "--backend", "torch", "--device", "cpu"], capture_output=True, text=True,
+                           timeout=60)
+    assert r.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
 def test_unix_socket_cannot_be_shared():
     r = subprocess.run([sys.executable, "-m", "flashserve.server.cli", "serve", "--processes", "2",
                         "--unix-socket", "/tmp/flashserve-test.sock", "--backend", "torch", "--device", "cpu"],
