@@ -2,8 +2,8 @@
 
 One Python process serves a few hundred small requests per second: its event loop and compute threads share one
 GIL (measured on an H200 host: bench/results/service_cuda_2026-12-03_h200_session6.md). N processes, each with
-its own loop, compute workers, batching and backend on the same device, serve N times that until the device or
-the host's cores are the limit. The kernel spreads new connections over the processes; a client's channel keeps
+its own loop, compute workers, batching and backend on the same device, are meant to serve up to N times that,
+until the device or the host's cores are the limit (not yet measured on a GPU). The kernel spreads new connections over the processes; a client's channel keeps
 its connection, so a Backward that names residuals reaches the process that kept them (after a reconnect the
 server answers FAILED_PRECONDITION and the client resends the tensors, as after an eviction).
 

@@ -192,6 +192,16 @@ class HostPinner:
 _PAGE = mmap.PAGESIZE
 
 
+def _as_tensor(raw: np.ndarray, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A uint8 numpy array's bytes as a tensor of dtype and shape (no copy). Made through numpy, so no torch op runs
+    (bfloat16: one): a torch op releases the GIL, and getting it back can wait for another thread's switch interval."""
+    if dtype in NUMPY_DTYPES:
+        return torch.from_numpy(raw.view(NUMPY_DTYPES[dtype]).reshape(shape))
+    if dtype.itemsize == 2:  # bfloat16: numpy has no such type; same bits as int16
+        return torch.from_numpy(raw.view(np.int16).reshape(shape)).view(dtype)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
 class _Mapped:
     """A client's sealed memfd, mapped into the server (same interface as _Region)."""
 
@@ -277,29 +287,13 @@ class _Mapped:
         if n:
             copy_bytes(dst.view(-1).numpy(), self._array[offset:offset + n])
 
-    def view(self, offset: int, nbytes: int) -> torch.Tensor:
-        """The bytes [offset, offset + nbytes) as a uint8 tensor on the mapping itself (no copy)."""
-        return torch.from_numpy(self._array[offset:offset + nbytes])
-
     def typed_view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        """A tensor of dtype and shape on the mapping itself at offset (no copy). Made through numpy, so no torch
-        op runs (bfloat16: one): a torch op releases the GIL, and getting it back can wait for another thread's
-        switch interval."""
-        n = ITEMSIZE_OF[dtype] * math.prod(shape)
-        raw = self._array[offset:offset + n]
-        if dtype in NUMPY_DTYPES:
-            return torch.from_numpy(raw.view(NUMPY_DTYPES[dtype]).reshape(shape))
-        if dtype.itemsize == 2:  # bfloat16: numpy has no such type; same bits as int16
-            return torch.from_numpy(raw.view(np.int16).reshape(shape)).view(dtype)
-        return torch.from_numpy(raw).view(dtype).view(shape)
+        """A tensor of dtype and shape on the mapping itself at offset (no copy)."""
+        return _as_tensor(self._array[offset:offset + ITEMSIZE_OF[dtype] * math.prod(shape)], dtype, shape)
 
     def copy_small(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
         """A copy of a small tensor in a plain CPU buffer (one numpy copy; no staging, few torch calls)."""
-        nbytes = ITEMSIZE_OF[dtype] * math.prod(shape)
-        raw = self._array[offset:offset + nbytes].copy()
-        if dtype in NUMPY_DTYPES:
-            return torch.from_numpy(raw.view(NUMPY_DTYPES[dtype]).reshape(shape))
-        return torch.from_numpy(raw).view(dtype).view(shape)
+        return _as_tensor(self._array[offset:offset + ITEMSIZE_OF[dtype] * math.prod(shape)].copy(), dtype, shape)
 
     def contains_at(self, t: torch.Tensor, offset: int) -> bool:
         """Whether t already lies at offset of this mapping (the GPU copied it there)."""

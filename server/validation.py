@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import grpc
 import torch
@@ -211,9 +211,7 @@ def attention_params(header: pb.Header, head_dim: int, caps: Capabilities, opera
                            max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k)
 
 
-def check_cu_seqlens(cu, name: str, total: int, max_seqlen: int, max_name: str) -> None:
-    """cu: a CPU tensor or its values as a list."""
-    values = cu if isinstance(cu, list) else cu.tolist()
+def check_cu_seqlens(values: List[int], name: str, total: int, max_seqlen: int, max_name: str) -> None:
     if values[0] != 0:
         raise invalid(f"{name}: must start at 0, starts at {values[0]}")
     lengths = [b - a for a, b in zip(values, values[1:])]
