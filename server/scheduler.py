@@ -26,16 +26,20 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 import time
 from typing import Callable, Dict, List, Optional
 
 import grpc
+import numpy as np
 import torch
 
 from . import metrics
 from .backends.base import AttentionParams, Backend
 from .validation import RequestError, Shapes
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -163,8 +167,9 @@ def _merged_params(jobs: List[Job]) -> AttentionParams:
                                max_seqlen_k=max(j.params.max_seqlen_k for j in jobs))
 
 
-def _split(jobs: List[Job], outputs: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
-    """Per job, its slice of every output (views along dim 0; lse made contiguous: it is small)."""
+def _split(jobs: List[Job], outputs: Dict[str, torch.Tensor], host: bool = True) -> List[Dict[str, torch.Tensor]]:
+    """Per job, its slice of every output (views along dim 0; on the host lse is made contiguous: it is small;
+    device slices stay views, their copy to the host makes them contiguous)."""
     results = []
     q0 = k0 = 0
     for j in jobs:
@@ -172,7 +177,7 @@ def _split(jobs: List[Job], outputs: Dict[str, torch.Tensor]) -> List[Dict[str, 
         res = {}
         for name, t in outputs.items():
             if name == "softmax_lse":
-                res[name] = t[:, q0:q1].contiguous()
+                res[name] = t[:, q0:q1].contiguous() if host else t[:, q0:q1]
             elif name in ("dk", "dv"):
                 res[name] = t[k0:k1]
             else:
@@ -182,22 +187,10 @@ def _split(jobs: List[Job], outputs: Dict[str, torch.Tensor]) -> List[Dict[str, 
     return results
 
 
-def _copy_to_host(name: str, t: torch.Tensor, allocate, dest=None) -> torch.Tensor:
-    """Queue the device-to-host copy of one output (current stream) into dest's place or a pinned buffer."""
-    dst = None
-    if dest is not None:
-        try:
-            dst = dest(name, t)
-        except Exception:  # noqa: BLE001 - the job's finish reports what is wrong with its region
-            dst = None
-    if dst is None:
-        nbytes = t.numel() * t.element_size()
-        buf = allocate(nbytes) if allocate is not None else torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        dst = buf[:nbytes].view(t.dtype).view(t.shape)
-    dst.copy_(t, non_blocking=True)
-    return dst
-
-
+# On CUDA every torch call that releases the GIL (most do) can leave this worker waiting for the event loop's
+# next switch (up to sys.getswitchinterval(), 5 ms): measured on the H200 host, such waits were two thirds of a
+# worker's time. So a batch's copies go out as one foreach call each way (the slices they copy to and from are
+# made by indexing, which keeps the GIL), not as calls per member tensor.
 def _wait(stream) -> None:
     """stream.synchronize(), its wall time counted as the worker's GPU wait."""
     t = time.perf_counter()
@@ -205,87 +198,186 @@ def _wait(stream) -> None:
     _GPU_WAIT.inc(time.perf_counter() - t)
 
 
-def execute_batch(backend: Backend, jobs: List[Job], stats: Optional[Stats] = None,
-                  allocate: Optional[Callable[[int], torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
+_FOREACH_COPY = [hasattr(torch, "_foreach_copy_")]
+
+
+def _copy_all(dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
+    """dsts[i].copy_(srcs[i], non_blocking=True) for every i, in one torch call where this torch can."""
+    if not dsts:
+        return
+    if _FOREACH_COPY[0]:
+        try:
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+            return
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # a torch whose foreach copy refuses mixed devices: one call per tensor
+            log.warning("torch._foreach_copy_ failed (%s); copying tensor by tensor from now on", exc)
+            _FOREACH_COPY[0] = False
+    for d, s in zip(dsts, srcs):
+        d.copy_(s, non_blocking=True)
+
+
+def _device_inputs(jobs: List[Job], dev: torch.device):
+    """(batched device inputs by name, destination slices, host sources): one copy per member tensor."""
+    x: Dict[str, torch.Tensor] = {}
+    dsts: List[torch.Tensor] = []
+    srcs: List[torch.Tensor] = []
+    first = jobs[0].tensors
+    if len(jobs) == 1:
+        for name, t in first.items():
+            if t.device.type != "cpu":  # already there
+                x[name] = t
+                continue
+            d = x[name] = torch.empty(tuple(t.shape), dtype=t.dtype, device=dev)
+            dsts.append(d)
+            srcs.append(t)
+        return x, dsts, srcs
+    for name, t in first.items():
+        if name in _PER_SEQUENCE:
+            continue
+        dim = _TOKEN_AXIS.get(name, 0)
+        pieces = [j.tensors[name] for j in jobs]
+        sizes = [p.shape[dim] for p in pieces]
+        shape = list(t.shape)
+        shape[dim] = sum(sizes)
+        d = x[name] = torch.empty(shape, dtype=t.dtype, device=dev)
+        pos = 0
+        for p, m in zip(pieces, sizes):
+            dsts.append(d[pos:pos + m] if dim == 0 else d[:, pos:pos + m])
+            srcs.append(p)
+            pos += m
+    # cu_seqlens: shifted on the host as Python ints, one small copy each
+    for name, total in (("cu_seqlens_q", "total_q"), ("cu_seqlens_k", "total_k")):
+        merged, shift = [0], 0
+        for j in jobs:
+            merged.extend(v + shift for v in j.tensors[name].tolist()[1:])
+            shift += getattr(j.shapes, total)
+        host = torch.from_numpy(np.asarray(merged, dtype=np.int32))
+        x[name] = torch.empty(len(merged), dtype=torch.int32, device=dev)
+        dsts.append(x[name])
+        srcs.append(host)
+    if "alibi_slopes" in first:
+        host = torch.cat(_pieces(jobs)["alibi_slopes"])
+        x["alibi_slopes"] = torch.empty(tuple(host.shape), dtype=host.dtype, device=dev)
+        dsts.append(x["alibi_slopes"])
+        srcs.append(host)
+    return x, dsts, srcs
+
+
+def _pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A page-locked host buffer (torch's caching host allocator keeps and reuses them)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def _host_outputs(jobs: List[Job], outputs: Dict[str, torch.Tensor]):
+    """(host outputs: one dict per job, or one for the whole batch; host destinations; device sources). A job whose
+    output_dest names a page-locked place gets its slice copied straight there; otherwise a batch's outputs go
+    whole into pinned buffers, for `_split` once the copies are done."""
+    outputs = {name: t for name, t in outputs.items() if t is not None}
+    n = len(jobs)
+    direct = any(j.output_dest is not None for j in jobs)
+    per_job = _split(jobs, outputs, host=False) if (direct and n > 1) else [outputs]
+    dsts: List[torch.Tensor] = []
+    srcs: List[torch.Tensor] = []
+    hosts = []
+    for i, outs in enumerate(per_job):
+        dest = jobs[i].output_dest if (direct or n == 1) else None
+        host = {}
+        for name, t in outs.items():
+            dst = None
+            if dest is not None:
+                try:
+                    dst = dest(name, t)
+                except Exception:  # noqa: BLE001 - the job's finish reports what is wrong with its region
+                    dst = None
+            if dst is None:
+                dst = _pinned_empty(tuple(t.shape), t.dtype)
+            host[name] = dst
+            dsts.append(dst)
+            srcs.append(t)
+        hosts.append(host)
+    return hosts, dsts, srcs
+
+
+def _execute_cuda(backend: Backend, jobs: List[Job], stats: Stats) -> List[Dict[str, torch.Tensor]]:
+    dev = backend.device
+    h2d, comp, d2h = _STREAMS.get(dev)
+    t0 = time.perf_counter()
+    # -- copy in: one copy of each member tensor, straight into its slice of the batched tensor. Always
+    # non_blocking: from pinned memory that is asynchronous; from pageable memory CUDA stages the bytes before
+    # returning, so it is safe too (and asking is_pinned() costs a driver call per tensor).
+    with torch.cuda.stream(h2d):
+        x, dsts, srcs = _device_inputs(jobs, dev)
+        _copy_all(dsts, srcs)
+    stats.add(h2d_copies=len(srcs))
+    params = jobs[0].params if len(jobs) == 1 else _merged_params(jobs)
+    _wait(h2d)  # copy-in time is measured; the compute stream then starts from ready inputs
+    comp.wait_stream(h2d)
+    t1 = time.perf_counter()
+    # -- compute: one launch (counted when attempted; requests count when it succeeds)
+    stats.add(launches=1)
+    metrics.LAUNCHES.inc()
+    with torch.cuda.stream(comp):
+        outputs = _call_backend(backend, jobs[0].op, x, params, jobs[0].return_softmax)
+    _wait(comp)
+    stats.add(requests=len(jobs), batched_launches=int(len(jobs) > 1))
+    t2 = time.perf_counter()
+    # -- copy out: one device-to-host copy per output (per member where members name their places)
+    with torch.cuda.stream(d2h):
+        d2h.wait_stream(comp)
+        hosts, dsts, srcs = _host_outputs(jobs, outputs)
+        _copy_all(dsts, srcs)
+    _wait(d2h)
+    stats.add(d2h_copies=len(srcs))
+    results = hosts if len(hosts) == len(jobs) else _split(jobs, hosts[0])  # split only once the bytes are there
+    _record_timings(jobs, t0, t1, t2)
+    return results
+
+
+def _execute_host(backend: Backend, jobs: List[Job], stats: Stats) -> List[Dict[str, torch.Tensor]]:
+    t0 = time.perf_counter()
+    if len(jobs) == 1:
+        x, params = jobs[0].tensors, jobs[0].params
+    else:
+        x = {}
+        for name, pieces in _pieces(jobs).items():
+            x[name] = torch.cat(pieces, dim=_TOKEN_AXIS.get(name, 0))
+            if name not in _PER_SEQUENCE:
+                stats.add(host_copies=len(pieces))
+        params = _merged_params(jobs)
+    t1 = time.perf_counter()
+    stats.add(launches=1)
+    metrics.LAUNCHES.inc()
+    outputs = _call_backend(backend, jobs[0].op, x, params, jobs[0].return_softmax)
+    stats.add(requests=len(jobs), batched_launches=int(len(jobs) > 1))
+    t2 = time.perf_counter()
+    host = {name: _to_host(t) for name, t in outputs.items() if t is not None}
+    results = [host] if len(jobs) == 1 else _split(jobs, host)
+    _record_timings(jobs, t0, t1, t2)
+    return results
+
+
+def _record_timings(jobs: List[Job], t0: float, t1: float, t2: float) -> None:
+    t3 = time.perf_counter()
+    for j in jobs:
+        j.timings.update(copy_in_s=t1 - t0, compute_s=t2 - t1, copy_out_s=t3 - t2, batch_requests=len(jobs))
+
+
+def execute_batch(backend: Backend, jobs: List[Job], stats: Optional[Stats] = None) -> List[Dict[str, torch.Tensor]]:
     """Compute jobs of one batch key with one backend call; outputs in host memory, one dict per job.
 
     Timings (copy_in_s, compute_s, copy_out_s, batch_requests) are recorded on every job."""
     stats = stats or Stats()
-    dev = backend.device
-    n = len(jobs)
-    t0 = time.perf_counter()
-    cuda = dev.type == "cuda"
-    if cuda:
-        h2d, comp, d2h = _STREAMS.get(dev)
     try:
-        # -- copy in: one copy of each member tensor, straight into its slice of the batched tensor. Always
-        # non_blocking: from pinned memory that is asynchronous; from pageable memory CUDA stages the bytes before
-        # returning, so it is safe too (and asking is_pinned() costs a driver call per tensor).
-        if n == 1:
-            if cuda:
-                with torch.cuda.stream(h2d):
-                    x = {k: t.to(dev, non_blocking=True) for k, t in jobs[0].tensors.items()}
-                stats.add(h2d_copies=len(x))
-            else:
-                x = jobs[0].tensors
-            params = jobs[0].params
+        if backend.device.type == "cuda":
+            results = _execute_cuda(backend, jobs, stats)
         else:
-            x = {}
-            for name, pieces in _pieces(jobs).items():
-                dim = _TOKEN_AXIS.get(name, 0)
-                if cuda:
-                    shape = list(pieces[0].shape)
-                    shape[dim] = sum(p.shape[dim] for p in pieces)
-                    dst = torch.empty(shape, dtype=pieces[0].dtype, device=dev)
-                    with torch.cuda.stream(h2d):
-                        pos = 0
-                        for p in pieces:
-                            dst.narrow(dim, pos, p.shape[dim]).copy_(p, non_blocking=True)
-                            pos += p.shape[dim]
-                    stats.add(h2d_copies=len(pieces))
-                else:
-                    dst = torch.cat(pieces, dim=dim)
-                    if name not in _PER_SEQUENCE:
-                        stats.add(host_copies=len(pieces))
-                x[name] = dst
-            params = _merged_params(jobs)
-        if cuda:
-            _wait(h2d)  # copy-in time is measured; the compute stream then starts from ready inputs
-            comp.wait_stream(h2d)
-        t1 = time.perf_counter()
-        # -- compute: one launch (counted when attempted; requests count when it succeeds)
-        stats.add(launches=1)
-        metrics.LAUNCHES.inc()
-        if cuda:
-            with torch.cuda.stream(comp):
-                outputs = _call_backend(backend, jobs[0].op, x, params, jobs[0].return_softmax)
-            _wait(comp)
-        else:
-            outputs = _call_backend(backend, jobs[0].op, x, params, jobs[0].return_softmax)
-        stats.add(requests=n, batched_launches=int(n > 1))
-        t2 = time.perf_counter()
-        # -- copy out: one device-to-host copy per output, into pinned buffers (or straight into the page-locked
-        # place a job's output_dest names); a batch whose members name places is copied out per member
-        if cuda:
-            direct = n > 1 and any(j.output_dest is not None for j in jobs)
-            with torch.cuda.stream(d2h):
-                d2h.wait_stream(comp)
-                per_job = _split(jobs, outputs) if direct else [outputs]
-                hosts = [{name: _copy_to_host(name, t, allocate, jobs[i].output_dest if direct or n == 1 else None)
-                          for name, t in outs.items() if t is not None} for i, outs in enumerate(per_job)]
-            _wait(d2h)
-            stats.add(d2h_copies=sum(len(h) for h in hosts))
-            results = hosts if direct else ([hosts[0]] if n == 1 else _split(jobs, hosts[0]))
-        else:
-            host = {name: _to_host(t) for name, t in outputs.items() if t is not None}
-            results = [host] if n == 1 else _split(jobs, host)
+            results = _execute_host(backend, jobs, stats)
     except torch.cuda.OutOfMemoryError:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            "the GPU ran out of memory for this request; retry later or send less at once") from None
-    t3 = time.perf_counter()
-    for j in jobs:
-        j.timings.update(copy_in_s=t1 - t0, compute_s=t2 - t1, copy_out_s=t3 - t2, batch_requests=n)
-    metrics.BATCH_REQUESTS.observe(n)
+    metrics.BATCH_REQUESTS.observe(len(jobs))
     return results
 
 
@@ -461,7 +553,7 @@ class Scheduler:
     def _launch_batch(self, jobs: List[Job]) -> List[object]:
         """One launch; if a batch fails, each member alone (only the bad one fails)."""
         try:
-            return execute_batch(self.backend, jobs, self.stats, self.allocate)
+            return execute_batch(self.backend, jobs, self.stats)
         except Exception as exc:
             if len(jobs) == 1:
                 return [exc]
@@ -469,7 +561,7 @@ class Scheduler:
         results: List[object] = []
         for j in jobs:
             try:
-                results.append(execute_batch(self.backend, [j], self.stats, self.allocate)[0])
+                results.append(execute_batch(self.backend, [j], self.stats)[0])
             except Exception as exc:  # noqa: PERF203 - one failure per bad member
                 results.append(exc)
         return results

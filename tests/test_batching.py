@@ -319,3 +319,85 @@ def test_prepare_and_finish_run_on_the_worker_and_a_failing_one_fails_alone():
         assert torch.allclose(results[i]["out"], want[i]["out"], atol=1e-6)
     assert stats["launches"] == 1 and stats["requests"] == 3
     assert main not in seen and len(seen) == 4 + 3
+
+
+@pytest.mark.parametrize("op", ["forward", "backward"])
+def test_gathered_device_inputs_equal_the_concatenation(op):
+    """The CUDA path's gather (one slice per member tensor, cu_seqlens shifted on the host, one copy call),
+    checked on CPU tensors against torch.cat of the pieces."""
+    from flashserve.server.scheduler import _copy_all, _device_inputs, _pieces, _split
+
+    gen = torch.Generator().manual_seed(3)
+    jobs = [make_job(gen, s, op=op, alibi="1d") for s in MIXED]
+    x, dsts, srcs = _device_inputs(jobs, torch.device("cpu"))
+    assert len(dsts) == len(srcs) == len(jobs) * (len(jobs[0].tensors) - 3) + 3  # + merged cu_q, cu_k, alibi
+    for d in dsts:
+        d.fill_(float("nan") if d.is_floating_point() else -1)  # poison: every element must be written
+    _copy_all(dsts, srcs)
+    want = _pieces(jobs)
+    for name, pieces in want.items():
+        assert torch.equal(x[name], torch.cat(pieces, dim=1 if name == "softmax_lse" else 0)), name
+    assert x["cu_seqlens_q"].dtype == torch.int32 and x["cu_seqlens_q"][-1].item() == sum(map(sum, MIXED))
+    # and back: per-member slices of a batched output, views on the device side
+    lse = torch.randn(4, int(x["cu_seqlens_q"][-1]))
+    parts = _split(jobs, {"softmax_lse": lse}, host=False)
+    assert torch.equal(torch.cat([p["softmax_lse"] for p in parts], dim=1), lse)
+    assert all(p["softmax_lse"].data_ptr() >= lse.data_ptr() for p in parts)  # views, not copies
+
+
+def test_single_job_inputs_are_copied_whole():
+    from flashserve.server.scheduler import _copy_all, _device_inputs
+
+    job = make_job(torch.Generator().manual_seed(4), [7, 9])
+    x, dsts, srcs = _device_inputs([job], torch.device("cpu"))
+    assert len(dsts) == len(job.tensors) and all(x[n] is not job.tensors[n] for n in job.tensors)
+    _copy_all(dsts, srcs)
+    assert all(torch.equal(x[n], job.tensors[n]) for n in job.tensors)
+    _copy_all([], [])  # nothing to copy is fine
+
+
+class _FakeStream:
+    """Stands in for a CUDA stream so the CUDA copy path's logic runs on CPU tensors."""
+
+    def synchronize(self):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.mark.parametrize("placed", [False, True])
+def test_cuda_copy_path_logic_on_cpu(monkeypatch, placed):
+    """The scheduler's CUDA path (gather, one launch, per-member or whole copy-out) run with CPU tensors and fake
+    streams: the same results as the CPU path, copies counted, and members that name their places get their outputs
+    written there. (What only a GPU shows, e.g. copies across devices, is in tests/gpu/test_overlap.py.)"""
+    import contextlib
+
+    from flashserve.server import scheduler as sched_mod
+
+    monkeypatch.setattr(sched_mod._STREAMS, "get", lambda dev: (_FakeStream(), _FakeStream(), _FakeStream()))
+    monkeypatch.setattr(sched_mod.torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(sched_mod, "_pinned_empty", lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    gen = torch.Generator().manual_seed(6)
+    jobs = [make_job(gen, s) for s in MIXED]
+    want = [execute(BACKEND, clone(j)) for j in jobs]
+    places = {}
+    if placed:
+        for i, j in enumerate(jobs):
+            def dest(name, t, i=i):
+                places[(i, name)] = torch.full(tuple(t.shape), float("nan"), dtype=t.dtype)  # poisoned
+                return places[(i, name)]
+            j.output_dest = dest
+    stats = sched_mod.Stats()
+    got = sched_mod._execute_cuda(BACKEND, jobs, stats)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g["out"], w["out"])
+        torch.testing.assert_close(g["softmax_lse"], w["softmax_lse"])
+    s = stats.snapshot()
+    assert s["launches"] == 1 and s["requests"] == len(jobs)
+    assert s["h2d_copies"] == 3 * len(jobs) + 2  # q, k, v per member; merged cu_seqlens_q / _k
+    assert s["d2h_copies"] == (2 * len(jobs) if placed else 2)  # per member into its places, else whole
+    if placed:
+        assert all(got[i][name] is places[(i, name)] for i, name in places)
+    single = sched_mod._execute_cuda(BACKEND, [clone(jobs[2])], sched_mod.Stats())[0]
+    torch.testing.assert_close(single["out"], want[2]["out"])
