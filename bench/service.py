@@ -104,7 +104,7 @@ class Proc:
             raise RuntimeError(f"server {args} did not start")
 
     def server_pids(self):
-        """The processes that serve: the server itself, or the processes of `serve --processes N`."""
+        """The processes that serve: the server itself and its children (`serve --processes N` / `--frontends N`)."""
         kids = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -114,7 +114,7 @@ class Proc:
                             kids.append(int(entry))
                 except (OSError, ValueError):
                     continue
-        return kids or [self.proc.pid]
+        return [self.proc.pid, *kids]  # the GPU process of `serve --frontends N` serves as well
 
     def cpu_s(self) -> float:
         """CPU seconds the server processes have used so far (user + system, all their threads)."""
@@ -312,6 +312,8 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
     out = {}
     wl = Workload(tokens=512, heads=16, head_dim=64, dtype="bfloat16", op="forward")
     procs = int(extra[extra.index("--processes") + 1]) if "--processes" in extra else 1
+    if "--frontends" in extra:  # metrics: the engine on the port, front end i on port + 1 + i
+        procs = int(extra[extra.index("--frontends") + 1]) + 1
     for name, flags in (("batching on", ["--batch-tokens", "32768", "--batch-delay-us", "500"]),
                         ("batching off", ["--batch-tokens", "0"])):
         port = free_port()  # (with --processes N, N ports from here on: free in practice on a test host)

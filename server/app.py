@@ -8,8 +8,10 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from typing import Optional
 
@@ -24,6 +26,7 @@ from . import metrics
 from .auth import TokenInterceptor
 from .backends import Backend, create_backend
 from .config import ServerConfig
+from .engine import ENGINE_ENV, Engine, EngineClient, RemoteBackend, frontend_socket_path
 from .residuals import ResidualStore
 from .scheduler import Scheduler
 from .shm import HostPinner, ShmTransport
@@ -57,10 +60,15 @@ def make_scheduler(backend: Backend, config: ServerConfig) -> Scheduler:
     return Scheduler(backend, config.workers, batch_tokens=config.batch_tokens, batch_delay_us=config.batch_delay_us)
 
 
-async def build_server(config: ServerConfig, backend: Optional[Backend] = None) -> Running:
-    backend = backend or create_backend(config.backend, config.device or None)
-    interceptors = [TokenInterceptor(config.token)] if config.token else []
-    server = grpc.aio.server(options=grpc_options(config), interceptors=interceptors)
+def build_service(config: ServerConfig, backend: Backend, engine=None) -> AttentionService:
+    """The service with its scheduler, residual store and shared-memory transport. With `engine` (a front end of
+    `serve --frontends N`, server/engine.py) the engine computes: no scheduler or residuals here."""
+    if engine is not None:
+        shm = ShmTransport() if config.allow_shm else None
+        service = AttentionService(backend, config, engine, shm=shm)
+        service.engine = engine
+        service.keeps_residuals = bool(engine.info.get("residuals"))
+        return service
     scheduler = make_scheduler(backend, config)
     residuals = ResidualStore(config.residual_bytes, config.residual_ttl_s) if config.residual_bytes > 0 else None
     shm = None
@@ -69,6 +77,16 @@ async def build_server(config: ServerConfig, backend: Optional[Backend] = None) 
         shm = ShmTransport(scheduler.allocate, HostPinner(config.shm_pin_bytes) if pin else None)
     service = AttentionService(backend, config, scheduler, residuals=residuals, shm=shm)
     scheduler.upstream = lambda: service.in_flight  # lets the batcher skip its delay when no one else is sending
+    return service
+
+
+async def build_server(config: ServerConfig, backend: Optional[Backend] = None, engine=None) -> Running:
+    if engine is not None:
+        backend = RemoteBackend(engine.info)
+    backend = backend or create_backend(config.backend, config.device or None)
+    service = build_service(config, backend, engine)
+    server = grpc.aio.server(options=grpc_options(config),
+                             interceptors=[TokenInterceptor(config.token)] if config.token else [])
     add_to_server(service, server)  # the generated registration, with the fast frame codec
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -110,25 +128,75 @@ def set_cpu_threads(config: ServerConfig, backend: Backend) -> None:
         torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // max(1, config.workers)))
 
 
-async def serve(config: ServerConfig, ready: Optional[threading.Event] = None) -> None:
+async def serve(config: ServerConfig, ready: Optional[threading.Event] = None) -> int:
+    """Run until SIGTERM / SIGINT, then drain; the process's exit status. Three roles: a whole server (the
+    default), the GPU process of `--frontends N` (`serve_engine`), or one of its front ends (started by it, with
+    the engine's socket in FLASHSERVE_ENGINE_SOCKET)."""
     if config.metrics_port:
         metrics.serve_metrics(config.metrics_port, "0.0.0.0" if config.host in ("0.0.0.0", "::") else config.host)
-    backend = create_backend(config.backend, config.device or None)
-    set_cpu_threads(config, backend)  # the process is ours (not so for in-process servers: tests, demo)
-    if config.gil_switch_us > 0:
-        sys.setswitchinterval(config.gil_switch_us / 1e6)
-    running = await build_server(config, backend)
-    print(f"flashserve listening on {config.host}:{running.port} (backend {running.service.backend.name}, "
-          f"device {running.service.backend.device_name()})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    engine_path = frontend_socket_path()
+    if engine_path:
+        engine = EngineClient(engine_path, on_lost=stop.set)  # the engine gone: this front end stops too
+        await engine.connect()
+        running = await build_server(config, engine=engine)
+        backend = running.service.backend
+    else:
+        backend = create_backend(config.backend, config.device or None)
+        set_cpu_threads(config, backend)  # the process is ours (not so for in-process servers: tests, demo)
+        if config.gil_switch_us > 0:
+            sys.setswitchinterval(config.gil_switch_us / 1e6)
+        if config.frontends > 0:
+            return await serve_engine(config, backend, stop, ready)
+        running = await build_server(config, backend)
+    print(f"flashserve listening on {config.host}:{running.port} (backend {backend.name}, "
+          f"device {backend.device_name()})", flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()
     log.info("draining (up to %.0f s)", config.drain_s)
     await drain(running, config.drain_s)
+    return 0
+
+
+async def serve_engine(config: ServerConfig, backend: Backend, stop: asyncio.Event,
+                       ready: Optional[threading.Event] = None) -> int:
+    """The GPU process of `serve --frontends N`: computes what its N front-end processes hand over (server/engine.py)."""
+    from .processes import Supervisor
+
+    if config.processes > 1:
+        raise SystemExit("--frontends and --processes exclude each other: front ends already share the port")
+    service = build_service(config, backend)
+    engine = Engine(service)
+    sockdir = tempfile.mkdtemp(prefix="flashserve-engine-")  # 0700: only this user reaches the engine
+    path = os.path.join(sockdir, "engine.sock")
+    await engine.start(path)
+    supervisor = Supervisor(config, count=config.frontends, metrics_offset=1, extra={ENGINE_ENV: path})
+    loop = asyncio.get_running_loop()
+    failed = False
+    try:
+        port = supervisor.start()
+        print(f"flashserve engine: backend {backend.name} on {backend.device_name()}, {config.frontends} gRPC "
+              f"front ends on {config.host}:{port}", flush=True)
+        watcher = loop.run_in_executor(None, supervisor.watch)
+        watcher.add_done_callback(lambda f: stop.set())
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        supervisor.stopping.set()
+        failed = await watcher
+    finally:
+        log.info("draining (up to %.0f s)", config.drain_s)
+        await loop.run_in_executor(None, supervisor.shutdown)  # front ends drain their calls first
+        await engine.close()
+        await service.scheduler.close()
+        if service.shm is not None:
+            service.shm.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+    return 1 if failed else 0
 
 
 class BackgroundServer:

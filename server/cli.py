@@ -12,18 +12,19 @@ from .config import ServerConfig
 def cmd_serve(args) -> int:
     config = ServerConfig.from_args(args)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.processes > 1 and config.frontends > 0:
+        raise SystemExit("--frontends and --processes exclude each other: front ends already share the port")
     if config.processes > 1:
         from .processes import serve_processes
 
         return serve_processes(config)
-    asyncio.run(_serve(config))
-    return 0
+    return asyncio.run(_serve(config))
 
 
-async def _serve(config):
+async def _serve(config) -> int:
     from .app import serve
 
-    await serve(config)
+    return await serve(config)
 
 
 def cmd_info(args) -> int:

@@ -21,6 +21,7 @@ class ServerConfig:
     max_message_bytes: int = dataclasses.field(default=80 << 20, metadata={"help": "gRPC message size limit"})
     chunk_bytes: int = dataclasses.field(default=4 << 20, metadata={"help": "largest response chunk (payloads under 16 of them use smaller chunks, at least 1 MB)"})
     processes: int = dataclasses.field(default=1, metadata={"help": "server processes sharing the TCP port, each with its own event loop, compute threads and batching (one Python process is GIL-bound at a few hundred small requests/s)"})
+    frontends: int = dataclasses.field(default=0, metadata={"help": "gRPC front-end processes (sharing the TCP port) that validate requests and hand them to this process, which only batches and computes (0: this process serves gRPC itself); for many small requests"})
     workers: int = dataclasses.field(default=2, metadata={"help": "compute threads"})
     cpu_threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per compute thread on a CPU backend (0: cores / workers)"})
     gil_switch_us: int = dataclasses.field(default=0, metadata={"help": "Python's GIL switch interval in microseconds (0: Python's 5000); shorter lets compute threads get the GIL back sooner from a busy event loop"})

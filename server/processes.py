@@ -32,20 +32,23 @@ log = logging.getLogger(__name__)
 QUICK_EXIT_S = 10.0  # a process that exits this soon after starting, twice in a row, stops the supervisor
 
 
-def child_environment(config: ServerConfig, index: int, port: int) -> dict:
+def child_environment(config: ServerConfig, index: int, port: int, metrics_offset: int = 0,
+                      extra: Optional[dict] = None) -> dict:
     """The settings of process `index` as FLASHSERVE_* variables (a child reads them with no flags given)."""
     env = dict(os.environ)
     for f in dataclasses.fields(ServerConfig):
         env[ServerConfig.env_name(f.name)] = str(getattr(config, f.name))
     env[ServerConfig.env_name("processes")] = "1"
+    env[ServerConfig.env_name("frontends")] = "0"
     env[ServerConfig.env_name("port")] = str(port)
     if config.metrics_port:
-        env[ServerConfig.env_name("metrics_port")] = str(config.metrics_port + index)
+        env[ServerConfig.env_name("metrics_port")] = str(config.metrics_port + metrics_offset + index)
     if not config.cpu_threads:  # a CPU backend's share of the cores, now split over the processes too
         share = (os.cpu_count() or 1) // max(1, config.workers * config.processes)
         env[ServerConfig.env_name("cpu_threads")] = str(max(1, share))
     env[REUSEPORT_ENV] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
     return env
 
 
@@ -64,20 +67,30 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig):
-        if config.processes < 2:
-            raise ValueError("Supervisor runs 2 or more processes")
+    """Runs `count` server processes on one reserved port (`serve --processes N`, or the front ends of
+    `serve --frontends N`: then `metrics_offset` 1, since the engine serves metrics on --metrics-port, and `extra`
+    names the engine's socket)."""
+
+    def __init__(self, config: ServerConfig, count: Optional[int] = None, metrics_offset: int = 0,
+                 extra: Optional[dict] = None):
+        count = config.processes if count is None else count
+        if count < 1 or (extra is None and count < 2):
+            raise ValueError("Supervisor runs 2 or more processes (1 or more front ends)")
         if config.unix_socket:
             raise SystemExit("--unix-socket cannot be shared by several processes: use one process, or TCP only")
         self.config = config
-        self.procs: List[Optional[subprocess.Popen]] = [None] * config.processes
-        self.started = [0.0] * config.processes
-        self.quick_exits = [0] * config.processes
+        self.count = count
+        self.metrics_offset = metrics_offset
+        self.extra = extra
+        self.procs: List[Optional[subprocess.Popen]] = [None] * count
+        self.started = [0.0] * count
+        self.quick_exits = [0] * count
         self.stopping = threading.Event()
         self.port = 0
+        self.reserved: Optional[socket.socket] = None
 
     def _start(self, i: int) -> None:
-        env = child_environment(self.config, i, self.port)
+        env = child_environment(self.config, i, self.port, self.metrics_offset, self.extra)
         proc = subprocess.Popen([sys.executable, "-m", "flashserve.server.cli", "serve"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.procs[i], self.started[i] = proc, time.monotonic()
@@ -94,45 +107,58 @@ class Supervisor:
             if p is not None and p.poll() is None:
                 p.send_signal(sig)
 
-    def run(self) -> int:
+    def start(self) -> int:
+        """Reserve the port and start the processes; returns the port."""
         try:
-            reserved = reserve_port(self.config.host, self.config.port)
+            self.reserved = reserve_port(self.config.host, self.config.port)
         except OSError as exc:
             raise SystemExit(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
-        self.port = reserved.getsockname()[1]
-        print(f"flashserve supervisor: {self.config.processes} processes on {self.config.host}:{self.port}",
-              flush=True)
+        self.port = self.reserved.getsockname()[1]
+        for i in range(self.count):
+            self._start(i)
+        return self.port
+
+    def watch(self) -> bool:
+        """Restart processes that die until `stopping` is set; True when one kept dying right after its start."""
+        while not self.stopping.wait(0.5):
+            for i, p in enumerate(self.procs):
+                if p is None or p.poll() is None:
+                    continue
+                quick = time.monotonic() - self.started[i] < QUICK_EXIT_S
+                self.quick_exits[i] = self.quick_exits[i] + 1 if quick else 0
+                if self.quick_exits[i] >= 2:
+                    log.error("process %d exited twice right after starting (code %s); stopping", i, p.returncode)
+                    self.stopping.set()
+                    return True
+                log.warning("process %d exited with code %s; restarting it", i, p.returncode)
+                self._start(i)
+        return False
+
+    def shutdown(self) -> None:
+        """SIGTERM every process (each drains its calls) and wait for them."""
+        self.stopping.set()
+        if self.reserved is not None:
+            self.reserved.close()
+        self._stop_all()
+        deadline = time.monotonic() + self.config.drain_s + 10
+        for p in self.procs:
+            if p is None:
+                continue
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def run(self) -> int:
+        port = self.start()
+        print(f"flashserve supervisor: {self.count} processes on {self.config.host}:{port}", flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
-        for i in range(self.config.processes):
-            self._start(i)
-        failed = False
         try:
-            while not self.stopping.wait(0.5):
-                for i, p in enumerate(self.procs):
-                    if p is None or p.poll() is None:
-                        continue
-                    quick = time.monotonic() - self.started[i] < QUICK_EXIT_S
-                    self.quick_exits[i] = self.quick_exits[i] + 1 if quick else 0
-                    if self.quick_exits[i] >= 2:
-                        log.error("process %d exited twice right after starting (code %s); stopping", i, p.returncode)
-                        failed = True
-                        self.stopping.set()
-                        break
-                    log.warning("process %d exited with code %s; restarting it", i, p.returncode)
-                    self._start(i)
+            failed = self.watch()
         finally:
-            reserved.close()
-            self._stop_all()
-            deadline = time.monotonic() + self.config.drain_s + 10
-            for p in self.procs:
-                if p is None:
-                    continue
-                try:
-                    p.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            self.shutdown()
         return 1 if failed else 0
 
 

@@ -54,6 +54,27 @@ def _read_deferred(job: Job, read, header: pb.Header, allocate, names) -> None:
     job.tensors.update(read(header, allocate, names=names))
 
 
+def set_timings(reply: pb.Header, t: Dict[str, float]) -> None:
+    """A job's stage times into its reply (and the stage histograms)."""
+    reply.timings.CopyFrom(pb.Timings(queue_s=t.get("queue_s", 0), copy_in_s=t.get("copy_in_s", 0),
+                                      compute_s=t.get("compute_s", 0), copy_out_s=t.get("copy_out_s", 0),
+                                      receive_s=t.get("receive_s", 0),
+                                      batch_requests=int(t.get("batch_requests", 1))))
+    for stage in ("queue_s", "copy_in_s", "compute_s", "copy_out_s"):
+        _child(metrics.STAGE, stage[:-2]).observe(t.get(stage, 0))
+
+
+class _CallResources:
+    """What one call holds until it ends: a receive-buffer lease (CPU), page-locked shared-memory regions its
+    GPU copies use, and the bytes it reserved against --max-inflight-bytes."""
+    __slots__ = ("lease", "holds", "admitted")
+
+    def __init__(self, lease=None):
+        self.lease = lease
+        self.holds: list = []
+        self.admitted = [0]
+
+
 async def _one(frame: pb.Frame):
     yield frame
 
@@ -94,6 +115,10 @@ class AttentionService(pb_grpc.AttentionServicer):
         # CPU receive buffers are reused across calls (no first-touch page faults); on CUDA the scheduler's
         # pinned allocator (torch's caching host allocator) already is a pool.
         self.pool = BufferPool() if getattr(self.scheduler, "allocate", None) is None else None
+        self.keeps_residuals = residuals is not None
+        # On a front end of `serve --frontends N`: the connection to the GPU process (server/engine.py), which
+        # computes; this process only speaks gRPC and validates.
+        self.engine = None
         self.copier = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
                                                             thread_name_prefix="flashserve-copy")
 
@@ -138,11 +163,16 @@ class AttentionService(pb_grpc.AttentionServicer):
             limits=pb.Limits(max_tokens=cfg.max_tokens, max_request_bytes=cfg.max_request_bytes,
                              max_concurrent_requests=cfg.max_concurrent, max_message_bytes=cfg.max_message_bytes,
                              default_chunk_bytes=cfg.chunk_bytes),
-            shared_memory=self.shm is not None, residuals=self.residuals is not None, hostname=socket.gethostname())
+            shared_memory=self.shm is not None, residuals=self.keeps_residuals, hostname=socket.gethostname())
 
     async def Release(self, request, context) -> pb.ReleaseResponse:
         released = 0
-        if self.residuals is not None:
+        if self.engine is not None:
+            try:
+                released = await self.engine.release(request.residual_handles)
+            except RequestError as exc:
+                await context.abort(exc.code, exc.message)
+        elif self.residuals is not None:
             released = self.residuals.release(list(request.residual_handles))
         return pb.ReleaseResponse(released=released)
 
@@ -158,31 +188,21 @@ class AttentionService(pb_grpc.AttentionServicer):
                                       f"(--max-concurrent); retry later")
         self.in_flight += 1
         metrics.IN_FLIGHT.inc()
-        lease = self.pool.lease() if self.pool is not None else None
-        tensors = job = outputs = None
-        holds = []  # pinned shared-memory regions this call's GPU copies use (released at the end)
-        admitted = [0]  # bytes this call added to self.inflight_bytes (set by _receive once the header is checked)
+        res = _CallResources(self.pool.lease() if self.pool is not None else None)
+        tensors = outputs = job = None
         try:
-            header, tensors, shapes, params, received_s, deferred = await self._receive(
-                operation, request_iterator, lease, admitted, holds)
+            header, tensors, shapes, params, received_s, large = await self._receive(
+                operation, request_iterator, res.lease, res.admitted, res.holds)
             remaining = context.time_remaining()
-            job = Job(op="forward" if operation == pb.FORWARD else "backward", tensors=tensors, params=params,
-                      shapes=shapes, return_softmax=header.params.return_softmax and operation == pb.FORWARD,
-                      deadline=None if remaining is None else time.monotonic() + remaining)
-            job.timings["receive_s"] = received_s
-            if deferred is not None:
-                job.prepare = functools.partial(_read_deferred, job, *deferred)
-            keeps = operation == pb.FORWARD and header.keep_residuals and self.residuals is not None
-            if header.output_region and self.shm is not None and not keeps:
-                job.finish = functools.partial(self._write_outputs, job, header)
-                job.output_dest = self.shm.output_placer(header, holds)
-            if operation == pb.BACKWARD and header.residual_handle:
-                self._attach_residuals(job, header.residual_handle)
-            outputs = await self.scheduler.run(job)
-            reply = pb.Header(operation=operation)
-            if operation == pb.FORWARD and header.keep_residuals and self.residuals is not None:
-                reply.residual_handle = self.residuals.keep(job, outputs)
-            async for frame in self._send(reply, outputs, header, job):
+            if self.engine is not None:  # a front end: the GPU process computes (server/engine.py)
+                reply, outputs, descs = await self.engine.run(operation, header, tensors, shapes, params, large,
+                                                              received_s, remaining)
+                timings = None  # the engine set reply.timings
+            else:
+                reply, outputs, job = await self.run_job(operation, header, tensors, shapes, params, received_s,
+                                                         large, remaining, res)
+                timings, descs = job.timings, job.output_descs
+            async for frame in self._send(reply, outputs, header, timings, descs):
                 yield frame
             _child(metrics.TOKENS, method).inc(shapes.total_q if shapes else 0)
             self.requests_served += 1
@@ -205,18 +225,49 @@ class AttentionService(pb_grpc.AttentionServicer):
             log.exception("%s failed", method)
             await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            self.inflight_bytes -= admitted[0]
-            if job is not None:
-                job.prepare = job.finish = job.output_dest = None  # they reference the job: break the cycle
-            if holds:
-                self.shm.release(holds)
-            if lease is not None:
-                tensors = job = outputs = None  # our references go first; buffers anyone else holds stay out
-                lease.release()
+            tensors = outputs = job = None  # our references go first; buffers anyone else holds stay out of the pool
+            self.release_resources(res)
             self.in_flight -= 1
             metrics.IN_FLIGHT.dec()
             _child(metrics.REQUESTS, method, code.name).inc()
             _child(metrics.LATENCY, method).observe(time.perf_counter() - started)
+
+    def release_resources(self, res: "_CallResources") -> None:
+        self.inflight_bytes -= res.admitted[0]
+        res.admitted[0] = 0
+        if res.holds:
+            self.shm.release(res.holds)
+            res.holds = []
+        if res.lease is not None:
+            res.lease.release()
+            res.lease = None
+
+    async def run_job(self, operation: int, header: pb.Header, tensors, shapes, params, received_s: float,
+                      large, remaining: Optional[float], res: "_CallResources"):
+        """Compute a validated request: (reply header, outputs, job). `large`: shared-memory inputs read on the
+        compute worker right before the launch. Used by a single-process server's calls and by the GPU process
+        of `serve --frontends N` for the requests its front ends hand over."""
+        job = Job(op="forward" if operation == pb.FORWARD else "backward", tensors=tensors, params=params,
+                  shapes=shapes, return_softmax=header.params.return_softmax and operation == pb.FORWARD,
+                  deadline=None if remaining is None else time.monotonic() + remaining)
+        job.timings["receive_s"] = received_s
+        try:
+            if large:
+                allocate = res.lease.allocate if res.lease is not None else None
+                job.prepare = functools.partial(_read_deferred, job, self.shm.read_inputs, header, allocate, large)
+            keeps = operation == pb.FORWARD and header.keep_residuals and self.residuals is not None
+            if header.output_region and self.shm is not None and not keeps:
+                job.finish = functools.partial(self._write_outputs, job, header)
+                job.output_dest = self.shm.output_placer(header, res.holds)
+            if operation == pb.BACKWARD and header.residual_handle:
+                self._attach_residuals(job, header.residual_handle)
+            outputs = await self.scheduler.run(job)
+            reply = pb.Header(operation=operation)
+            if keeps:
+                reply.residual_handle = self.residuals.keep(job, outputs)
+            return reply, outputs, job
+        finally:
+            job.prepare = job.finish = job.output_dest = None  # they reference the job: break the cycle
 
     def _admit_bytes(self, header: pb.Header, admitted: list) -> None:
         """Reserve the request's tensor bytes against --max-inflight-bytes before any buffer is taken."""
@@ -245,12 +296,15 @@ class AttentionService(pb_grpc.AttentionServicer):
                         raise WireError("the first frame must be a header", "header")
                     header = frame.header
                     has_residuals = operation == pb.BACKWARD and bool(header.residual_handle)
-                    if has_residuals and self.residuals is None:
+                    if has_residuals and not self.keeps_residuals:
                         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                            "residual_handle: this server keeps no residuals; send the tensors")
                     shapes = check_header(header, operation, self.caps, self.config, has_residuals)
-                    head_dim = shapes.head_dim if shapes else self.residuals.head_dim(header.residual_handle)
-                    params = attention_params(header, head_dim, self.caps, operation)
+                    if shapes is None and self.engine is not None:
+                        params = None  # the GPU process holds the residuals: it reads their head dim itself
+                    else:
+                        head_dim = shapes.head_dim if shapes else self.residuals.head_dim(header.residual_handle)
+                        params = attention_params(header, head_dim, self.caps, operation)
                     if admitted is not None:
                         self._admit_bytes(header, admitted)
                     asm.set_header(header)
@@ -275,40 +329,45 @@ class AttentionService(pb_grpc.AttentionServicer):
         if t_first is None:
             raise WireError("the request stream ended before any header arrived", "header")
         tensors = asm.finish()
-        deferred = None
-        shm_descs = [d for d in asm.header.tensors if d.HasField("shm")]
-        if shm_descs and self.shm is None:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               "shm: this server does not accept shared-memory tensors (start it with --allow-shm)")
-        if shm_descs:
-            allocate = lease.allocate if lease is not None else None  # pooled (warm) buffers on CPU
-            # Small tensors, and those whose values validation checks (cu_seqlens, alibi), are copied here:
-            # the checks then see a copy the client cannot change. Large ones are checked here and read by the
-            # compute worker right before the launch (no executor hop of ours).
-            large = {d.name for d in shm_descs if d.nbytes > INLINE_SHM_BYTES and d.name not in VALUE_CHECKED}
-            if large and asm.header.residual_handle:  # dout is checked against the kept residuals at once
-                large = set()
-            # A CPU backend reads the large tensors of a sealed memfd in place (no copy): the client holds that
-            # region for the whole call and it cannot shrink; their values only affect the client's own rows.
-            # Not when they are kept as residuals past the call.
-            # A CUDA backend does the same from regions it could page-lock: the host-to-device copy then reads
-            # the client's memory directly (`holds` keeps them pinned until the call ends).
-            borrow = set()
-            if large and (lease is not None or self.shm.pinner is not None) and not (
-                    asm.header.keep_residuals and self.residuals is not None):
-                borrow = {d.name for d in shm_descs if d.name in large and is_memfd_name(d.shm.region)}
-            pinned = lease is None and self.shm.pinner is not None  # CUDA: borrow only what can be page-locked
-            got = self.shm.read_inputs(asm.header, allocate, names={d.name for d in shm_descs} - (large - borrow),
-                                       borrow=borrow, holds=holds if pinned else None)
+        large = set()
+        shm_names = {d.name for d in asm.header.tensors if d.HasField("shm")}
+        if shm_names:
+            got, large = self.shm_inputs(asm.header, shm_names, lease, holds)
             tensors.update(got)
-            large -= set(got)  # what could not be borrowed is read by the compute worker, as below
-            if large:
-                self.shm.read_inputs(asm.header, names=large, check_only=True)
-                deferred = (self.shm.read_inputs, asm.header, allocate, large)
         metrics.BYTES_IN.inc(asm.received_bytes)
         if shapes is not None:
             params = check_contents(tensors, shapes, params)
-        return asm.header, tensors, shapes, params, time.perf_counter() - t_first, deferred
+        return asm.header, tensors, shapes, params, time.perf_counter() - t_first, large
+
+    def shm_inputs(self, header: pb.Header, names, lease=None, holds=None):
+        """The shared-memory inputs `names` of a request: (tensors read now, names left for later). Small tensors,
+        and those whose values validation checks (cu_seqlens, alibi), are copied here: the checks then see a copy
+        the client cannot change. Large ones are checked here and read right before the launch: by the compute
+        worker, or, on a front end of `serve --frontends N`, by the GPU process."""
+        if self.shm is None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "shm: this server does not accept shared-memory tensors (start it with --allow-shm)")
+        descs = [d for d in header.tensors if d.HasField("shm") and d.name in names]
+        large = {d.name for d in descs if d.nbytes > INLINE_SHM_BYTES and d.name not in VALUE_CHECKED}
+        if large and header.residual_handle:  # dout is checked against the kept residuals at once
+            large = set()
+        keeps = header.keep_residuals and self.keeps_residuals
+        # A CPU backend reads the large tensors of a sealed memfd in place (no copy): the client holds that
+        # region for the whole call and it cannot shrink; their values only affect the client's own rows.
+        # Not when they are kept as residuals past the call. A CUDA backend does the same from regions it could
+        # page-lock: the host-to-device copy then reads the client's memory directly (`holds` keeps them pinned
+        # until the call ends). A front end (no backend here) only checks them.
+        borrow = set()
+        if large and self.engine is None and (lease is not None or self.shm.pinner is not None) and not keeps:
+            borrow = {d.name for d in descs if d.name in large and is_memfd_name(d.shm.region)}
+        pinned = lease is None and self.shm.pinner is not None  # CUDA: borrow only what can be page-locked
+        got = self.shm.read_inputs(header, lease.allocate if lease is not None else None,
+                                   names=set(names) - (large - borrow), borrow=borrow,
+                                   holds=holds if pinned else None)
+        large -= set(got)  # what could not be borrowed is read later, as below
+        if large:
+            self.shm.read_inputs(header, names=large, check_only=True)
+        return got, large
 
     def _write_outputs(self, job: Job, request: pb.Header, outputs: Dict[str, torch.Tensor]) -> None:
         job.output_descs = self.shm.write_outputs(request, outputs)
@@ -324,18 +383,15 @@ class AttentionService(pb_grpc.AttentionServicer):
                                f"dout: must match the forward's q ({job.tensors['q'].dtype} "
                                f"{list(job.tensors['q'].shape)}), got {dout.dtype} {list(dout.shape)}")
 
-    async def _send(self, reply: pb.Header, outputs: Dict[str, torch.Tensor], request: pb.Header, job: Job):
-        t = job.timings
-        reply.timings.CopyFrom(pb.Timings(queue_s=t.get("queue_s", 0), copy_in_s=t.get("copy_in_s", 0),
-                                          compute_s=t.get("compute_s", 0), copy_out_s=t.get("copy_out_s", 0),
-                                          receive_s=t.get("receive_s", 0),
-                                          batch_requests=int(t.get("batch_requests", 1))))
-        for stage in ("queue_s", "copy_in_s", "compute_s", "copy_out_s"):
-            _child(metrics.STAGE, stage[:-2]).observe(t.get(stage, 0))
+    async def _send(self, reply: pb.Header, outputs: Dict[str, torch.Tensor], request: pb.Header,
+                    timings: Optional[Dict[str, float]], descs: Optional[list]):
+        """Stream the reply. timings: the job's stage times (None when reply.timings is already set);
+        descs: the outputs' descriptors when the compute worker already wrote them into shared memory."""
+        if timings is not None:
+            set_timings(reply, timings)
         names = list(outputs)
         if request.output_region and self.shm is not None:
-            descs = job.output_descs  # written by the compute worker (Job.finish)
-            if descs is None:
+            if descs is None:  # not written by the compute worker (Job.finish): write them now
                 descs = await asyncio.get_running_loop().run_in_executor(self.copier, self.shm.write_outputs,
                                                                          request, outputs)
             reply.tensors.extend(descs)

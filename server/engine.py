@@ -1,0 +1,287 @@
+"""`flashserve serve --frontends N`: N gRPC front-end processes feeding one GPU process (the engine).
+
+Why: one Python process serves several hundred small requests per second, not more: its event loop (gRPC,
+frame decoding, validation) and its compute threads share one GIL (measured on an H200 host:
+bench/results/service_cuda_2026-12-03_h200_session6.md). Here the process that `serve` starts keeps the backend,
+the batching scheduler, the shared-memory GPU copies and the residuals, and speaks no gRPC; N front-end processes
+(its children, restarted when they die) share the TCP port (SO_REUSEPORT), speak gRPC (health, reflection,
+auth, TLS), decode and validate each request and hand it to the engine over a Unix socket. Batching then spans
+the clients of every front end, and the engine's GIL is spent on launches and copies only.
+
+What a front end hands over: the request header; the tensors it validated, by value (cu_seqlens, alibi: the
+client cannot change them after the check); chunk-path tensors by value (extra host copies: the gRPC chunk
+path with large payloads is better served by one process); and the names of large shared-memory tensors, which
+the engine reads itself (from page-locked client memory straight into the GPU copy). Outputs go back the same
+way: into the client's output region by the engine, or by value for the front end to stream.
+
+Messages are length-prefixed pickles on a socket in a private (0700) directory: both ends are our processes.
+  front end -> engine: (id, kind, payload), kind "info" | "run" | "cancel" | "release"
+  engine -> front end: (id, ok, payload); when not ok, payload = (gRPC status code name, message)"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+import struct
+from typing import Callable, Dict, Optional
+
+import grpc
+import torch
+
+from flashserve.proto import attention_pb2 as pb
+from flashserve.wire import WireError
+
+from .backends.base import Capabilities
+from .service import AttentionService, _CallResources, set_timings
+from .validation import RequestError, attention_params
+
+log = logging.getLogger(__name__)
+
+ENGINE_ENV = "FLASHSERVE_ENGINE_SOCKET"  # set in a front end's environment: the engine's socket path
+_LEN = struct.Struct("<Q")
+_DRAIN_BYTES = 1 << 20  # messages this large wait for the socket buffer to drain
+
+
+def tensor_to_wire(t: torch.Tensor) -> tuple:
+    t = t.detach().contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+    return str(t.dtype).replace("torch.", ""), tuple(t.shape), bytearray(raw)
+
+
+def tensor_from_wire(value: tuple) -> torch.Tensor:
+    dtype_name, shape, raw = value
+    dtype = getattr(torch, dtype_name)
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
+
+
+async def _read_message(reader: asyncio.StreamReader):
+    """The next message, or None at the end of the stream."""
+    try:
+        n = _LEN.unpack(await reader.readexactly(_LEN.size))[0]
+        return pickle.loads(await reader.readexactly(n))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
+async def _write_message(writer: asyncio.StreamWriter, message) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(_LEN.pack(len(data)) + data if len(data) < _DRAIN_BYTES else _LEN.pack(len(data)))
+    if len(data) >= _DRAIN_BYTES:
+        writer.write(data)
+        await writer.drain()
+
+
+def _failure(exc: BaseException) -> tuple:
+    if isinstance(exc, RequestError):
+        return exc.code.name, exc.message
+    if isinstance(exc, WireError):
+        return grpc.StatusCode.INVALID_ARGUMENT.name, str(exc)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED.name, "the GPU ran out of memory for this request"
+    log.error("engine request failed", exc_info=exc)
+    return grpc.StatusCode.INTERNAL.name, f"internal error: {type(exc).__name__}: {exc}"
+
+
+# ---- the GPU process --------------------------------------------------------------------------------
+class Engine:
+    """Serves the front ends' requests with a service's backend, scheduler, shared memory and residuals."""
+
+    def __init__(self, service: AttentionService):
+        self.service = service
+        self.server: Optional[asyncio.AbstractServer] = None
+        self.connections = 0
+
+    def info(self) -> dict:
+        svc = self.service
+        return dict(backend=svc.backend.name, device=svc.backend.device_name(), caps=svc.caps,
+                    residuals=svc.residuals is not None, shm=svc.shm is not None)
+
+    async def start(self, path: str) -> None:
+        self.server = await asyncio.start_unix_server(self._connection, path=path)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        tasks: Dict[int, asyncio.Task] = {}
+        try:
+            while True:
+                message = await _read_message(reader)
+                if message is None:
+                    break
+                rid, kind, payload = message
+                if kind == "cancel":  # the caller went away: a job not yet launched is skipped
+                    task = tasks.get(rid)
+                    if task is not None:
+                        task.cancel()
+                    continue
+                task = asyncio.ensure_future(self._answer(writer, rid, kind, payload))
+                tasks[rid] = task
+                task.add_done_callback(lambda _t, rid=rid: tasks.pop(rid, None))
+        finally:
+            self.connections -= 1
+            for task in list(tasks.values()):  # its front end is gone: nobody reads these answers
+                task.cancel()
+            writer.close()
+
+    async def _answer(self, writer, rid: int, kind: str, payload) -> None:
+        try:
+            if kind == "run":
+                result = await self._run(payload)
+            elif kind == "release":
+                result = self.service.residuals.release(payload) if self.service.residuals is not None else 0
+            elif kind == "info":
+                result = self.info()
+            else:
+                raise RequestError(grpc.StatusCode.UNIMPLEMENTED, f"engine: unknown message kind {kind!r}")
+            answer = (rid, True, result)
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # each request fails alone
+            answer = (rid, False, _failure(exc))
+        try:
+            await _write_message(writer, answer)
+        except ConnectionError:
+            pass  # the front end is gone
+
+    async def _run(self, p: dict) -> dict:
+        svc = self.service
+        op = p["op"]
+        header = pb.Header.FromString(p["header"])
+        res = _CallResources(svc.pool.lease() if svc.pool is not None else None)
+        svc.in_flight += 1  # the scheduler launches at once when every request in flight is queued
+        tensors = outputs = job = None
+        try:
+            svc._admit_bytes(header, res.admitted)  # --max-inflight-bytes holds for all front ends together
+            tensors = {name: tensor_from_wire(v) for name, v in p["tensors"].items()}
+            params = p["params"]
+            if params is None:  # backward on kept residuals: their head dim is known here only
+                if svc.residuals is None:
+                    raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       "residual_handle: this server keeps no residuals; send the tensors")
+                params = attention_params(header, svc.residuals.head_dim(header.residual_handle), svc.caps, op)
+            large = set(p["large"])
+            if large:
+                got, large = svc.shm_inputs(header, large, res.lease, res.holds)
+                tensors.update(got)
+            reply, outputs, job = await svc.run_job(op, header, tensors, p["shapes"], params, p["received_s"],
+                                                    large, p["remaining"], res)
+            set_timings(reply, job.timings)
+            if header.output_region and svc.shm is not None:
+                descs = job.output_descs
+                if descs is None:  # not written by the compute worker (kept residuals): write them now
+                    descs = await asyncio.get_running_loop().run_in_executor(svc.copier, svc.shm.write_outputs,
+                                                                             header, outputs)
+                return dict(reply=reply.SerializeToString(), descs=[d.SerializeToString() for d in descs])
+            return dict(reply=reply.SerializeToString(),
+                        outputs={name: tensor_to_wire(t) for name, t in outputs.items()})
+        finally:
+            tensors = outputs = job = None
+            svc.in_flight -= 1
+            svc.release_resources(res)
+
+
+# ---- the front end's side ------------------------------------------------------------------------
+class RemoteBackend:
+    """What a front end knows of the engine's backend (for validation and GetServerInfo); computes nothing."""
+
+    def __init__(self, info: dict):
+        self.name = info["backend"]
+        self._device_name = info["device"]
+        self._caps: Capabilities = info["caps"]
+        self.device = torch.device("cpu")  # this process's buffers live in host memory
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def device_name(self) -> str:
+        return self._device_name
+
+
+class EngineClient:
+    """A front end's connection to the engine. Stands in for the scheduler in the service (`close`)."""
+
+    allocate = None  # receive buffers: the service's pooled host buffers
+    upstream = None
+
+    def __init__(self, path: str, on_lost: Optional[Callable[[], None]] = None):
+        self.path = path
+        self.on_lost = on_lost
+        self.info: dict = {}
+        self._ids = itertools.count(1)
+        self._pending: Dict[int, asyncio.Future] = {}
+        self._reader = self._writer = self._listener = None
+
+    async def connect(self) -> dict:
+        self._reader, self._writer = await asyncio.open_unix_connection(self.path)
+        self._listener = asyncio.ensure_future(self._listen())
+        self.info = await self._request("info", None)
+        return self.info
+
+    async def _listen(self) -> None:
+        while True:
+            message = await _read_message(self._reader)
+            if message is None:
+                break
+            rid, ok, payload = message
+            fut = self._pending.get(rid)
+            if fut is None or fut.done():
+                continue
+            if ok:
+                fut.set_result(payload)
+            else:
+                fut.set_exception(RequestError(grpc.StatusCode[payload[0]], payload[1]))
+        lost = RequestError(grpc.StatusCode.UNAVAILABLE, "the server's GPU process is gone; retry")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(lost)
+        if self.on_lost is not None:
+            self.on_lost()
+
+    async def _request(self, kind: str, payload):
+        if self._listener is None or self._listener.done():
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server's GPU process is gone; retry")
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await _write_message(self._writer, (rid, kind, payload))
+            return await fut
+        except asyncio.CancelledError:
+            if kind == "run" and not self._writer.is_closing():
+                await asyncio.shield(_write_message(self._writer, (rid, "cancel", None)))
+            raise
+        finally:
+            self._pending.pop(rid, None)
+
+    async def run(self, operation: int, header: pb.Header, tensors, shapes, params, large, received_s: float,
+                  remaining: Optional[float]):
+        """Compute one validated request in the engine: (reply header, outputs by value, output descriptors)."""
+        payload = dict(op=operation, header=header.SerializeToString(), shapes=shapes, params=params,
+                       tensors={name: tensor_to_wire(t) for name, t in tensors.items()}, large=sorted(large),
+                       remaining=remaining, received_s=received_s)
+        result = await self._request("run", payload)
+        reply = pb.Header.FromString(result["reply"])
+        if "descs" in result:
+            return reply, {}, [pb.TensorDesc.FromString(d) for d in result["descs"]]
+        return reply, {name: tensor_from_wire(v) for name, v in result["outputs"].items()}, None
+
+    async def release(self, handles) -> int:
+        return await self._request("release", list(handles))
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._listener is not None:
+            self._listener.cancel()
+
+
+def frontend_socket_path() -> Optional[str]:
+    return os.environ.get(ENGINE_ENV) or None
