@@ -28,12 +28,14 @@ import struct
 from typing import Callable, Dict, Optional
 
 import grpc
+import numpy as np
 import torch
 
 from flashserve.proto import attention_pb2 as pb
 from flashserve.wire import WireError
 
 from .backends.base import Capabilities
+from .shm import _as_tensor
 from .service import AttentionService, _CallResources, set_timings
 from .validation import RequestError, attention_params
 
@@ -55,7 +57,7 @@ def tensor_from_wire(value: tuple) -> torch.Tensor:
     dtype = getattr(torch, dtype_name)
     if not raw:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
+    return _as_tensor(np.frombuffer(raw, dtype=np.uint8), dtype, shape)  # through numpy: fewer torch calls
 
 
 async def _read_message(reader: asyncio.StreamReader):
@@ -94,6 +96,19 @@ class Engine:
         self.service = service
         self.server: Optional[asyncio.AbstractServer] = None
         self.connections = 0
+        # Per front end, the requests it had in flight when it last sent one: the scheduler launches a batch at
+        # once only when all of them have reached it (else batch-mates are on their way: wait up to the delay).
+        self._upstream: Dict[int, int] = {}
+        service.scheduler.upstream = lambda: sum(self._upstream.values())
+
+    def reported(self, conn: int, in_flight: int) -> None:
+        """A front end's request says how many it has in flight (itself included)."""
+        self._upstream[conn] = in_flight
+
+    def answered(self, conn: int) -> None:
+        """One request fewer in flight at that front end (until its next request says otherwise)."""
+        if conn in self._upstream:
+            self._upstream[conn] = max(0, self._upstream[conn] - 1)
 
     def info(self) -> dict:
         svc = self.service
@@ -110,6 +125,7 @@ class Engine:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        conn = id(writer)
         tasks: Dict[int, asyncio.Task] = {}
         try:
             while True:
@@ -117,21 +133,24 @@ class Engine:
                 if message is None:
                     break
                 rid, kind, payload = message
+                if kind == "run":
+                    self.reported(conn, payload["in_flight"])
                 if kind == "cancel":  # the caller went away: a job not yet launched is skipped
                     task = tasks.get(rid)
                     if task is not None:
                         task.cancel()
                     continue
-                task = asyncio.ensure_future(self._answer(writer, rid, kind, payload))
+                task = asyncio.ensure_future(self._answer(writer, conn, rid, kind, payload))
                 tasks[rid] = task
                 task.add_done_callback(lambda _t, rid=rid: tasks.pop(rid, None))
         finally:
             self.connections -= 1
+            self._upstream.pop(conn, None)
             for task in list(tasks.values()):  # its front end is gone: nobody reads these answers
                 task.cancel()
             writer.close()
 
-    async def _answer(self, writer, rid: int, kind: str, payload) -> None:
+    async def _answer(self, writer, conn: int, rid: int, kind: str, payload) -> None:
         try:
             if kind == "run":
                 result = await self._run(payload)
@@ -146,6 +165,8 @@ class Engine:
             return
         except Exception as exc:  # each request fails alone
             answer = (rid, False, _failure(exc))
+        if kind == "run":
+            self.answered(conn)
         try:
             await _write_message(writer, answer)
         except ConnectionError:
@@ -262,11 +283,12 @@ class EngineClient:
             self._pending.pop(rid, None)
 
     async def run(self, operation: int, header: pb.Header, tensors, shapes, params, large, received_s: float,
-                  remaining: Optional[float]):
-        """Compute one validated request in the engine: (reply header, outputs by value, output descriptors)."""
+                  remaining: Optional[float], in_flight: int = 1):
+        """Compute one validated request in the engine: (reply header, outputs by value, output descriptors).
+        in_flight: this front end's requests in flight now, this one included (the engine's batching policy)."""
         payload = dict(op=operation, header=header.SerializeToString(), shapes=shapes, params=params,
                        tensors={name: tensor_to_wire(t) for name, t in tensors.items()}, large=sorted(large),
-                       remaining=remaining, received_s=received_s)
+                       remaining=remaining, received_s=received_s, in_flight=in_flight)
         result = await self._request("run", payload)
         reply = pb.Header.FromString(result["reply"])
         if "descs" in result:

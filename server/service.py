@@ -196,7 +196,7 @@ class AttentionService(pb_grpc.AttentionServicer):
             remaining = context.time_remaining()
             if self.engine is not None:  # a front end: the GPU process computes (server/engine.py)
                 reply, outputs, descs = await self.engine.run(operation, header, tensors, shapes, params, large,
-                                                              received_s, remaining)
+                                                              received_s, remaining, self.in_flight)
                 timings = None  # the engine set reply.timings
             else:
                 reply, outputs, job = await self.run_job(operation, header, tensors, shapes, params, received_s,

@@ -182,3 +182,23 @@ def test_frontends_and_processes_exclude_each_other():
     r = subprocess.run([sys.executable, "-m", "flashserve.server.cli", "serve", "--frontends", "2", "--processes",
                         "2", "--backend", "torch", "--device", "cpu"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "exclude each other" in r.stderr
+
+
+def test_the_engine_waits_for_batch_mates_still_in_the_front_ends():
+    """The scheduler launches without its delay only when every request the front ends hold has reached it."""
+    from types import SimpleNamespace
+
+    from flashserve.server.engine import Engine
+
+    scheduler = SimpleNamespace(upstream=None)
+    engine = Engine(SimpleNamespace(scheduler=scheduler))
+    engine.reported(1, 3)  # front end 1: three requests in flight
+    engine.reported(2, 1)
+    assert scheduler.upstream() == 4
+    engine.answered(1)
+    assert scheduler.upstream() == 3
+    engine.answered(2)
+    engine.answered(2)  # never below zero
+    assert scheduler.upstream() == 2
+    engine.reported(2, 5)  # the latest report wins
+    assert scheduler.upstream() == 7
