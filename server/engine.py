@@ -20,6 +20,7 @@ Messages are length-prefixed pickles on a socket in a private (0700) directory: 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -34,22 +35,25 @@ import torch
 from flashserve.proto import attention_pb2 as pb
 from flashserve.wire import WireError
 
-from .backends.base import Capabilities
+from .backends.base import AttentionParams, Capabilities
 from .shm import _as_tensor
-from .service import AttentionService, _CallResources, set_timings
-from .validation import RequestError, attention_params
+from .service import AttentionService, _CallResources
+from .validation import RequestError, Shapes, attention_params
 
 log = logging.getLogger(__name__)
 
 ENGINE_ENV = "FLASHSERVE_ENGINE_SOCKET"  # set in a front end's environment: the engine's socket path
 _LEN = struct.Struct("<Q")
-_DRAIN_BYTES = 1 << 20  # messages this large wait for the socket buffer to drain
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def tensor_to_wire(t: torch.Tensor) -> tuple:
     t = t.detach().contiguous()
     raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-    return str(t.dtype).replace("torch.", ""), tuple(t.shape), bytearray(raw)
+    return dtype_name(t.dtype), tuple(t.shape), bytearray(raw)
 
 
 def tensor_from_wire(value: tuple) -> torch.Tensor:
@@ -60,21 +64,48 @@ def tensor_from_wire(value: tuple) -> torch.Tensor:
     return _as_tensor(np.frombuffer(raw, dtype=np.uint8), dtype, shape)  # through numpy: fewer torch calls
 
 
-async def _read_message(reader: asyncio.StreamReader):
-    """The next message, or None at the end of the stream."""
-    try:
-        n = _LEN.unpack(await reader.readexactly(_LEN.size))[0]
-        return pickle.loads(await reader.readexactly(n))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
+class _Messages(asyncio.Protocol):
+    """Length-prefixed pickles over a stream socket, parsed as bytes arrive (no coroutine per message: the
+    engine's event loop is the busiest thread of the server). on_message(message) runs for each complete
+    message, on_lost() once when the connection ends."""
 
+    def __init__(self, on_message: Callable[[object], None], on_lost: Callable[[], None]):
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.transport: Optional[asyncio.Transport] = None
+        self._buf = bytearray()
 
-async def _write_message(writer: asyncio.StreamWriter, message) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_LEN.pack(len(data)) + data if len(data) < _DRAIN_BYTES else _LEN.pack(len(data)))
-    if len(data) >= _DRAIN_BYTES:
-        writer.write(data)
-        await writer.drain()
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos = 0
+        while len(buf) - pos >= _LEN.size:
+            n = _LEN.unpack_from(buf, pos)[0]
+            end = pos + _LEN.size + n
+            if len(buf) < end:
+                break
+            with memoryview(buf) as view:
+                message = pickle.loads(view[pos + _LEN.size:end])
+            pos = end
+            self.on_message(message)
+        if pos:
+            del buf[:pos]
+
+    def connection_lost(self, exc) -> None:
+        self.on_lost()
+
+    def send(self, message) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # the other end is gone: nobody reads this
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.transport.write(_LEN.pack(len(data)) + data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 def _failure(exc: BaseException) -> tuple:
@@ -116,41 +147,42 @@ class Engine:
                     residuals=svc.residuals is not None, shm=svc.shm is not None)
 
     async def start(self, path: str) -> None:
-        self.server = await asyncio.start_unix_server(self._connection, path=path)
+        self.server = await asyncio.get_running_loop().create_unix_server(self._connection, path=path)
 
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        conn = id(writer)
+    def _connection(self) -> _Messages:
+        """A front end connected: its messages are answered on this loop, each request by a task of its own."""
         tasks: Dict[int, asyncio.Task] = {}
-        try:
-            while True:
-                message = await _read_message(reader)
-                if message is None:
-                    break
-                rid, kind, payload = message
-                if kind == "run":
-                    self.reported(conn, payload["in_flight"])
-                if kind == "cancel":  # the caller went away: a job not yet launched is skipped
-                    task = tasks.get(rid)
-                    if task is not None:
-                        task.cancel()
-                    continue
-                task = asyncio.ensure_future(self._answer(writer, conn, rid, kind, payload))
-                tasks[rid] = task
-                task.add_done_callback(lambda _t, rid=rid: tasks.pop(rid, None))
-        finally:
+        conn = object()
+
+        def on_message(message) -> None:
+            rid, kind, payload = message
+            if kind == "cancel":  # the caller went away: a job not yet launched is skipped
+                task = tasks.get(rid)
+                if task is not None:
+                    task.cancel()
+                return
+            if kind == "run":
+                self.reported(conn, payload["in_flight"])
+            task = asyncio.ensure_future(self._answer(proto, conn, rid, kind, payload))
+            tasks[rid] = task
+            task.add_done_callback(lambda _t: tasks.pop(rid, None))
+
+        def on_lost() -> None:
             self.connections -= 1
             self._upstream.pop(conn, None)
             for task in list(tasks.values()):  # its front end is gone: nobody reads these answers
                 task.cancel()
-            writer.close()
 
-    async def _answer(self, writer, conn: int, rid: int, kind: str, payload) -> None:
+        proto = _Messages(on_message, on_lost)
+        self.connections += 1
+        return proto
+
+    async def _answer(self, proto: _Messages, conn, rid: int, kind: str, payload) -> None:
         try:
             if kind == "run":
                 result = await self._run(payload)
@@ -167,10 +199,7 @@ class Engine:
             answer = (rid, False, _failure(exc))
         if kind == "run":
             self.answered(conn)
-        try:
-            await _write_message(writer, answer)
-        except ConnectionError:
-            pass  # the front end is gone
+        proto.send(answer)
 
     async def _run(self, p: dict) -> dict:
         svc = self.service
@@ -182,7 +211,7 @@ class Engine:
         try:
             svc._admit_bytes(header, res.admitted)  # --max-inflight-bytes holds for all front ends together
             tensors = {name: tensor_from_wire(v) for name, v in p["tensors"].items()}
-            params = p["params"]
+            params = AttentionParams(*p["params"]) if p["params"] is not None else None
             if params is None:  # backward on kept residuals: their head dim is known here only
                 if svc.residuals is None:
                     raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -192,17 +221,22 @@ class Engine:
             if large:
                 got, large = svc.shm_inputs(header, large, res.lease, res.holds)
                 tensors.update(got)
-            reply, outputs, job = await svc.run_job(op, header, tensors, p["shapes"], params, p["received_s"],
+            shapes = p["shapes"]
+            if shapes is not None:
+                shapes = Shapes(*shapes[:-1], getattr(torch, shapes[-1]))
+            reply, outputs, job = await svc.run_job(op, header, tensors, shapes, params, p["received_s"],
                                                     large, p["remaining"], res)
-            set_timings(reply, job.timings)
+            # (the front end puts the timings into the reply: less work on this, the busiest, loop)
+            result = dict(handle=reply.residual_handle, timings=job.timings)
             if header.output_region and svc.shm is not None:
                 descs = job.output_descs
                 if descs is None:  # not written by the compute worker (kept residuals): write them now
                     descs = await asyncio.get_running_loop().run_in_executor(svc.copier, svc.shm.write_outputs,
                                                                              header, outputs)
-                return dict(reply=reply.SerializeToString(), descs=[d.SerializeToString() for d in descs])
-            return dict(reply=reply.SerializeToString(),
-                        outputs={name: tensor_to_wire(t) for name, t in outputs.items()})
+                result["descs"] = [d.SerializeToString() for d in descs]
+            else:
+                result["outputs"] = {name: tensor_to_wire(t) for name, t in outputs.items()}
+            return result
         finally:
             tensors = outputs = job = None
             svc.in_flight -= 1
@@ -238,27 +272,28 @@ class EngineClient:
         self.info: dict = {}
         self._ids = itertools.count(1)
         self._pending: Dict[int, asyncio.Future] = {}
-        self._reader = self._writer = self._listener = None
+        self._proto: Optional[_Messages] = None
+        self._lost = False
 
     async def connect(self) -> dict:
-        self._reader, self._writer = await asyncio.open_unix_connection(self.path)
-        self._listener = asyncio.ensure_future(self._listen())
+        loop = asyncio.get_running_loop()
+        _, self._proto = await loop.create_unix_connection(lambda: _Messages(self._on_message, self._on_lost),
+                                                           self.path)
         self.info = await self._request("info", None)
         return self.info
 
-    async def _listen(self) -> None:
-        while True:
-            message = await _read_message(self._reader)
-            if message is None:
-                break
-            rid, ok, payload = message
-            fut = self._pending.get(rid)
-            if fut is None or fut.done():
-                continue
-            if ok:
-                fut.set_result(payload)
-            else:
-                fut.set_exception(RequestError(grpc.StatusCode[payload[0]], payload[1]))
+    def _on_message(self, message) -> None:
+        rid, ok, payload = message
+        fut = self._pending.get(rid)
+        if fut is None or fut.done():
+            return
+        if ok:
+            fut.set_result(payload)
+        else:
+            fut.set_exception(RequestError(grpc.StatusCode[payload[0]], payload[1]))
+
+    def _on_lost(self) -> None:
+        self._lost = True
         lost = RequestError(grpc.StatusCode.UNAVAILABLE, "the server's GPU process is gone; retry")
         for fut in self._pending.values():
             if not fut.done():
@@ -267,42 +302,43 @@ class EngineClient:
             self.on_lost()
 
     async def _request(self, kind: str, payload):
-        if self._listener is None or self._listener.done():
+        if self._lost or self._proto is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server's GPU process is gone; retry")
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            await _write_message(self._writer, (rid, kind, payload))
+            self._proto.send((rid, kind, payload))
             return await fut
         except asyncio.CancelledError:
-            if kind == "run" and not self._writer.is_closing():
-                await asyncio.shield(_write_message(self._writer, (rid, "cancel", None)))
+            if kind == "run":
+                self._proto.send((rid, "cancel", None))
             raise
         finally:
             self._pending.pop(rid, None)
 
     async def run(self, operation: int, header: pb.Header, tensors, shapes, params, large, received_s: float,
                   remaining: Optional[float], in_flight: int = 1):
-        """Compute one validated request in the engine: (reply header, outputs by value, output descriptors).
-        in_flight: this front end's requests in flight now, this one included (the engine's batching policy)."""
-        payload = dict(op=operation, header=header.SerializeToString(), shapes=shapes, params=params,
+        """Compute one validated request in the engine: (reply header, outputs by value, output descriptors,
+        stage timings). in_flight: this front end's requests in flight now, this one included (for the engine's
+        batching policy). Shapes and parameters travel as plain tuples (cheaper to unpickle)."""
+        payload = dict(op=operation, header=header.SerializeToString(),
+                       shapes=None if shapes is None else (*dataclasses.astuple(shapes)[:-1], dtype_name(shapes.dtype)),
+                       params=None if params is None else dataclasses.astuple(params),
                        tensors={name: tensor_to_wire(t) for name, t in tensors.items()}, large=sorted(large),
                        remaining=remaining, received_s=received_s, in_flight=in_flight)
         result = await self._request("run", payload)
-        reply = pb.Header.FromString(result["reply"])
+        reply = pb.Header(operation=operation, residual_handle=result["handle"])
         if "descs" in result:
-            return reply, {}, [pb.TensorDesc.FromString(d) for d in result["descs"]]
-        return reply, {name: tensor_from_wire(v) for name, v in result["outputs"].items()}, None
+            return reply, {}, [pb.TensorDesc.FromString(d) for d in result["descs"]], result["timings"]
+        return reply, {name: tensor_from_wire(v) for name, v in result["outputs"].items()}, None, result["timings"]
 
     async def release(self, handles) -> int:
         return await self._request("release", list(handles))
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._listener is not None:
-            self._listener.cancel()
+        if self._proto is not None:
+            self._proto.close()
 
 
 def frontend_socket_path() -> Optional[str]:

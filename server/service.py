@@ -195,9 +195,8 @@ class AttentionService(pb_grpc.AttentionServicer):
                 operation, request_iterator, res.lease, res.admitted, res.holds)
             remaining = context.time_remaining()
             if self.engine is not None:  # a front end: the GPU process computes (server/engine.py)
-                reply, outputs, descs = await self.engine.run(operation, header, tensors, shapes, params, large,
-                                                              received_s, remaining, self.in_flight)
-                timings = None  # the engine set reply.timings
+                reply, outputs, descs, timings = await self.engine.run(operation, header, tensors, shapes, params,
+                                                                      large, received_s, remaining, self.in_flight)
             else:
                 reply, outputs, job = await self.run_job(operation, header, tensors, shapes, params, received_s,
                                                          large, remaining, res)
