@@ -10,7 +10,9 @@ server answers FAILED_PRECONDITION and the client resends the tensors, as after 
 The supervisor holds no device and serves nothing itself: it reserves the port, starts the processes with the same
 settings (passed as FLASHSERVE_* variables; process i gets --metrics-port + i), relays their output, forwards
 SIGTERM / SIGINT (each process drains its calls), and restarts a process that dies, unless it dies right after
-starting twice in a row (a setting that cannot work), which stops them all."""
+starting twice in a row (a setting that cannot work), which stops them all.
+
+The same Supervisor runs the gRPC front ends of `serve --frontends N` (server/engine.py) from the GPU process."""
 from __future__ import annotations
 
 import dataclasses
