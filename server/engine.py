@@ -29,14 +29,12 @@ import struct
 from typing import Callable, Dict, Optional
 
 import grpc
-import numpy as np
 import torch
 
 from flashserve.proto import attention_pb2 as pb
 from flashserve.wire import WireError
 
 from .backends.base import AttentionParams, Capabilities
-from .shm import _as_tensor
 from .service import AttentionService, _CallResources
 from .validation import RequestError, Shapes, attention_params
 
@@ -61,7 +59,8 @@ def tensor_from_wire(value: tuple) -> torch.Tensor:
     dtype = getattr(torch, dtype_name)
     if not raw:
         return torch.empty(shape, dtype=dtype)
-    return _as_tensor(np.frombuffer(raw, dtype=np.uint8), dtype, shape)  # through numpy: fewer torch calls
+    t = torch.frombuffer(raw, dtype=dtype)  # one torch call (small tensors: cu_seqlens, alibi slopes)
+    return t if len(shape) == 1 else t.view(shape)
 
 
 class _Messages(asyncio.Protocol):
@@ -209,7 +208,7 @@ class Engine:
         svc.in_flight += 1  # the scheduler launches at once when every request in flight is queued
         tensors = outputs = job = None
         try:
-            svc._admit_bytes(header, res.admitted)  # --max-inflight-bytes holds for all front ends together
+            svc.admit(p["nbytes"], res.admitted)  # --max-inflight-bytes holds for all front ends together
             tensors = {name: tensor_from_wire(v) for name, v in p["tensors"].items()}
             params = AttentionParams(*p["params"]) if p["params"] is not None else None
             if params is None:  # backward on kept residuals: their head dim is known here only
@@ -326,7 +325,8 @@ class EngineClient:
                        shapes=None if shapes is None else (*dataclasses.astuple(shapes)[:-1], dtype_name(shapes.dtype)),
                        params=None if params is None else dataclasses.astuple(params),
                        tensors={name: tensor_to_wire(t) for name, t in tensors.items()}, large=sorted(large),
-                       remaining=remaining, received_s=received_s, in_flight=in_flight)
+                       remaining=remaining, received_s=received_s, in_flight=in_flight,
+                       nbytes=sum(d.nbytes for d in header.tensors))
         result = await self._request("run", payload)
         reply = pb.Header(operation=operation, residual_handle=result["handle"])
         if "descs" in result:

@@ -270,7 +270,9 @@ class AttentionService(pb_grpc.AttentionServicer):
 
     def _admit_bytes(self, header: pb.Header, admitted: list) -> None:
         """Reserve the request's tensor bytes against --max-inflight-bytes before any buffer is taken."""
-        nbytes = sum(d.nbytes for d in header.tensors)
+        self.admit(sum(d.nbytes for d in header.tensors), admitted)
+
+    def admit(self, nbytes: int, admitted: list) -> None:
         limit = self.config.max_inflight_bytes
         if self.inflight_bytes + nbytes > limit:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -235,6 +235,7 @@ class _Mapped:
             os.close(fd)
         self._array = np.frombuffer(self._mmap, dtype=np.uint8) if self._mmap else np.empty(0, np.uint8)
         self.address = self._array.ctypes.data
+        self._flat: Dict[torch.dtype, torch.Tensor] = {}  # typed_view's bases, by dtype
         # Page-locking (ShmTransport's lock guards these): None = not tried, else whether it is pinned. `users`
         # counts calls whose GPU copies may touch the mapping; it is unpinned only when evicted and unused, and
         # always before the mapping can go (the mapping lives as long as this object).
@@ -288,8 +289,23 @@ class _Mapped:
             copy_bytes(dst.view(-1).numpy(), self._array[offset:offset + n])
 
     def typed_view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        """A tensor of dtype and shape on the mapping itself at offset (no copy)."""
-        return _as_tensor(self._array[offset:offset + ITEMSIZE_OF[dtype] * math.prod(shape)], dtype, shape)
+        """A tensor of dtype and shape on the mapping itself at offset (no copy): one torch call on a flat tensor
+        of that dtype over the whole mapping, made once (a GPU server's busiest thread makes several per request)."""
+        itemsize = ITEMSIZE_OF[dtype]
+        base = self._flat.get(dtype)
+        if base is None or offset % itemsize:
+            if offset % itemsize:  # (callers check alignment; never misread an unaligned slice)
+                return _as_tensor(self._array[offset:offset + itemsize * math.prod(shape)], dtype, shape)
+            base = self._flat[dtype] = _as_tensor(self._array[:self._size - self._size % itemsize], dtype,
+                                                  (self._size // itemsize,))
+        shape = tuple(shape)
+        strides, step = [], 1
+        for n in reversed(shape):
+            strides.append(step)
+            step *= n
+        if offset + itemsize * step > self._size:
+            raise ValueError(f"typed_view: [{offset}, {offset + itemsize * step}) lies outside the mapping")
+        return base.as_strided(shape, tuple(reversed(strides)), offset // itemsize)
 
     def copy_small(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
         """A copy of a small tensor in a plain CPU buffer (one numpy copy; no staging, few torch calls)."""
