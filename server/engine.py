@@ -202,6 +202,10 @@ class Engine:
 
     async def _run(self, p: dict) -> dict:
         svc = self.service
+        if svc.in_flight >= svc.config.max_concurrent:  # each front end checks its own calls; this, all of them
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the server is serving {svc.in_flight} requests (all front ends), its limit "
+                               f"(--max-concurrent); retry later")
         op = p["op"]
         header = pb.Header.FromString(p["header"])
         res = _CallResources(svc.pool.lease() if svc.pool is not None else None)

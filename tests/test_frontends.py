@@ -202,3 +202,27 @@ def test_the_engine_waits_for_batch_mates_still_in_the_front_ends():
     assert scheduler.upstream() == 2
     engine.reported(2, 5)  # the latest report wins
     assert scheduler.upstream() == 7
+
+
+def test_the_engine_holds_the_limits_of_all_front_ends_together():
+    """--max-concurrent and --max-inflight-bytes bound the whole server, not each front end."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from flashserve.server.config import ServerConfig
+    from flashserve.server.engine import Engine
+    from flashserve.server.service import AttentionService
+    from flashserve.server.validation import RequestError
+
+    service = SimpleNamespace(scheduler=SimpleNamespace(upstream=None), in_flight=2,
+                              config=ServerConfig(max_concurrent=2))
+    with pytest.raises(RequestError) as err:
+        asyncio.run(Engine(service)._run({}))
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "all front ends" in err.value.message
+    service = SimpleNamespace(config=ServerConfig(max_inflight_bytes=100), inflight_bytes=60)
+    admitted = [0]
+    with pytest.raises(RequestError) as err:
+        AttentionService.admit(service, 50, admitted)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and admitted == [0]
+    AttentionService.admit(service, 40, admitted)
+    assert admitted == [40] and service.inflight_bytes == 100
