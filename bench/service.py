@@ -126,8 +126,10 @@ class Proc:
         return total
 
     def thread_cpu_s(self):
-        """(event-loop threads, all other threads) CPU seconds so far: a server's main thread runs its asyncio loop."""
-        main = other = 0.0
+        """(event-loop threads, all other threads, the started process's loop) CPU seconds so far: a server's main
+        thread runs its asyncio loop; the started process is the server itself, the GPU process of `--frontends N`,
+        or the supervisor of `--processes N`."""
+        main = other = first = 0.0
         tick = os.sysconf("SC_CLK_TCK")
         for pid in self.server_pids():
             for tid in os.listdir(f"/proc/{pid}/task"):
@@ -139,9 +141,11 @@ class Proc:
                 cpu = (int(fields[11]) + int(fields[12])) / tick
                 if int(tid) == pid:
                     main += cpu
+                    if pid == self.proc.pid:
+                        first = cpu
                 else:
                     other += cpu
-        return main, other
+        return main, other, first
 
     def stop(self):
         if self.proc.poll() is None:
@@ -346,7 +350,8 @@ def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
             "other_threads_cpu": (threads1[1] - threads0[1]) * 1e3 / n,
             "worker_busy": work["busy"] * 1e3 / n, "worker_cpu": work["cpu"] * 1e3 / n,
             "worker_gpu_wait": work["gpu_wait"] * 1e3 / n,
-            "worker_other": (work["busy"] - work["cpu"] - work["gpu_wait"]) * 1e3 / n}
+            "worker_other": (work["busy"] - work["cpu"] - work["gpu_wait"]) * 1e3 / n,
+            "gpu_process_loop_cpu": (threads1[2] - threads0[2]) * 1e3 / n}  # of event_loop_cpu
         # busy workers on average over the timed requests (the warm-up's share taken out)
         out[name]["worker_utilisation"] = work["busy"] * lvl["requests"] / n / max(1e-9, lvl["duration_s"])
         if host0 and host1:  # how busy the whole host was (clients included): are the clients the limit?
@@ -522,16 +527,18 @@ def _batching_markdown(b):
         L.append(f"| {name} | " + " | ".join(f"{st.get(k, float('nan')):.2f}" for k in
                                           ("receive", "queue", "copy_in", "compute", "copy_out", "outside")) + " |")
     if "server_ms_per_request" in b["batching on"]:
-        L += ["", "Server time per request (ms; event loop = the main thread's CPU; worker = compute threads' wall "
+        L += ["", "Server time per request (ms; event loop = the main threads' CPU, all server processes; of it, the "
+              "GPU process's loop (the server itself, or the engine of --frontends); worker = compute threads' wall "
               "time inside launches, split into their CPU, waits for the GPU, and the rest: runnable but not "
               "running, i.e. the GIL or a busy host); workers busy = mean number of busy compute workers:", "",
-              "| setting | event loop CPU | other threads CPU | worker busy | worker CPU | worker GPU wait | "
-              "worker other | workers busy |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| setting | event loop CPU | of it GPU process | other threads CPU | worker busy | worker CPU | "
+              "worker GPU wait | worker other | workers busy |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name in ("batching on", "batching off"):
             m = b[name]["server_ms_per_request"]
-            L.append(f"| {name} | " + " | ".join(f"{m[k]:.2f}" for k in (
-                "event_loop_cpu", "other_threads_cpu", "worker_busy", "worker_cpu", "worker_gpu_wait",
-                "worker_other")) + f" | {b[name]['worker_utilisation']:.2f} |")
+            L.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.2f}" for k in (
+                "event_loop_cpu", "gpu_process_loop_cpu", "other_threads_cpu", "worker_busy", "worker_cpu",
+                "worker_gpu_wait", "worker_other")) + f" | {b[name]['worker_utilisation']:.2f} |")
     return L
 
 
