@@ -128,14 +128,14 @@ class Engine:
         self.connections = 0
         # Per front end, the requests it had in flight when it last sent one: the scheduler launches a batch at
         # once only when all of them have reached it (else batch-mates are on their way: wait up to the delay).
-        self._upstream: Dict[int, int] = {}
+        self._upstream: Dict[object, int] = {}
         service.scheduler.upstream = lambda: sum(self._upstream.values())
 
-    def reported(self, conn: int, in_flight: int) -> None:
+    def reported(self, conn: object, in_flight: int) -> None:
         """A front end's request says how many it has in flight (itself included)."""
         self._upstream[conn] = in_flight
 
-    def answered(self, conn: int) -> None:
+    def answered(self, conn: object) -> None:
         """One request fewer in flight at that front end (until its next request says otherwise)."""
         if conn in self._upstream:
             self._upstream[conn] = max(0, self._upstream[conn] - 1)
@@ -193,12 +193,13 @@ class Engine:
                 raise RequestError(grpc.StatusCode.UNIMPLEMENTED, f"engine: unknown message kind {kind!r}")
             answer = (rid, True, result)
         except asyncio.CancelledError:
-            return
+            answer = None  # its caller went away
         except Exception as exc:  # each request fails alone
             answer = (rid, False, _failure(exc))
         if kind == "run":
             self.answered(conn)
-        proto.send(answer)
+        if answer is not None:
+            proto.send(answer)
 
     async def _run(self, p: dict) -> dict:
         svc = self.service
