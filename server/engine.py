@@ -66,16 +66,21 @@ def tensor_from_wire(value: tuple) -> torch.Tensor:
 class _Messages(asyncio.Protocol):
     """Length-prefixed pickles over a stream socket, parsed as bytes arrive (no coroutine per message: the
     engine's event loop is the busiest thread of the server). on_message(message) runs for each complete
-    message, on_lost() once when the connection ends."""
+    message, on_lost() once when the connection ends. Messages sent during one turn of the event loop leave
+    together, as one pickled list, at its end (e.g. the answers to all members of a batch): one pickle and one
+    write instead of one per message."""
 
     def __init__(self, on_message: Callable[[object], None], on_lost: Callable[[], None]):
         self.on_message = on_message
         self.on_lost = on_lost
         self.transport: Optional[asyncio.Transport] = None
         self._buf = bytearray()
+        self._outbox: list = []
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -89,17 +94,26 @@ class _Messages(asyncio.Protocol):
             with memoryview(buf) as view:
                 message = pickle.loads(view[pos + _LEN.size:end])
             pos = end
-            self.on_message(message)
+            for m in (message if isinstance(message, list) else (message,)):  # a list: one turn's messages
+                self.on_message(m)
         if pos:
             del buf[:pos]
 
     def connection_lost(self, exc) -> None:
         self.on_lost()
 
-    def send(self, message) -> None:
+    def send(self, message: tuple) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # the other end is gone: nobody reads this
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._outbox.append(message)
+        if len(self._outbox) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        out, self._outbox = self._outbox, []
+        if not out or self.transport is None or self.transport.is_closing():
+            return
+        data = pickle.dumps(out if len(out) > 1 else out[0], protocol=pickle.HIGHEST_PROTOCOL)
         self.transport.write(_LEN.pack(len(data)) + data)
 
     def close(self) -> None:
