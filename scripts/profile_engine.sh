@@ -17,4 +17,4 @@ py-spy record --pid $spid --duration 10 --rate 250 --format raw --threads --gil 
 py-spy record --pid $spid --duration 5 --rate 250 --format raw --threads -o $OUT/all_$tag.raw > /dev/null 2>&1
 wait $bpid
 kill -TERM $spid; wait $spid
-head -4 $OUT/bench_$tag.out | tail -2
+grep -E "^\| 64 " $OUT/bench_$tag.out | head -1  # the load's table row (req/s while profiled)
