@@ -1,0 +1,103 @@
+"""The per-request Python cost of the GPU process of `serve --frontends N`, without a GPU or front ends.
+
+    python bench/engine_requests.py [--requests 2000] [--profile]
+
+Drives `Engine._run` (server/engine.py) in-process with the batching benchmark's request (512 tokens x 16 heads x
+64, bf16, q/k/v and the outputs in shared-memory regions) and the launch stubbed out, so what is timed is the work
+batching cannot share: the hand-over's tensors, shared-memory views, job and scheduler bookkeeping, writing the
+outputs. On the H200 host that work bounds the batched rate (bench/results/engine_profile_2026-12-03_h200_session7.txt);
+this measures it on any machine, before and after a change. `--profile`: the top functions by own time."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import dataclasses
+import io
+import pstats
+import time
+
+import torch
+
+from flashserve import shm as client_shm
+from flashserve import wire
+from flashserve.proto import attention_pb2 as pb
+from flashserve.server.app import build_service
+from flashserve.server.backends.torch_backend import TorchBackend
+from flashserve.server.config import ServerConfig
+from flashserve.server.engine import Engine, tensor_to_wire
+from flashserve.server.validation import attention_params, check_header
+
+
+def make_engine():
+    cfg = ServerConfig(allow_shm=True, backend="torch", device="cpu")
+    service = build_service(cfg, TorchBackend("cpu"))
+    lse = torch.zeros(16, 512)
+
+    async def launch_stub(job):  # what the compute worker does around a launch, minus the launch
+        outputs = {"out": job.tensors["q"], "softmax_lse": lse}
+        if job.finish is not None:
+            job.finish(outputs)
+        return outputs
+
+    service.scheduler.run = launch_stub
+    return cfg, service, Engine(service)
+
+
+def make_payload(cfg, service, regions):
+    q = torch.randn(512, 16, 64).bfloat16()
+    cu = torch.tensor([0, 512], dtype=torch.int32)
+    named = [("q", q), ("k", q), ("v", q), ("cu_seqlens_q", cu), ("cu_seqlens_k", cu)]
+    header = pb.Header(operation=pb.FORWARD, params=pb.AttentionParams(max_seqlen_q=512, max_seqlen_k=512),
+                       tensors=[wire.describe(n, t) for n, t in named])
+    inputs, outputs = regions
+    pos = 0
+    for d, (_, t) in zip(header.tensors, named):
+        d.shm.region, d.shm.offset = inputs.name, pos
+        pos += client_shm.align(inputs.put(t, pos))
+    header.output_region = outputs.name
+    shapes = check_header(header, pb.FORWARD, service.caps, cfg, False)
+    params = attention_params(header, 64, service.caps, pb.FORWARD)
+    return dict(op=pb.FORWARD, header=header.SerializeToString(),
+                shapes=(*dataclasses.astuple(shapes)[:-1], "bfloat16"), params=dataclasses.astuple(params),
+                tensors={"cu_seqlens_q": tensor_to_wire(cu), "cu_seqlens_k": tensor_to_wire(cu)},
+                large=["q", "k", "v"], remaining=None, received_s=0.0, in_flight=1,
+                nbytes=sum(d.nbytes for d in header.tensors))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    cfg, service, engine = make_engine()
+    regions = (client_shm.Region(8 << 20, memfd=True), client_shm.Region(4 << 20, memfd=True))
+    payload = make_payload(cfg, service, regions)
+
+    async def run(n):
+        for _ in range(n):
+            await engine._run(payload)
+
+    try:
+        asyncio.run(run(200))  # warm: mappings, caches
+        t0 = time.perf_counter()
+        asyncio.run(run(args.requests))
+        us = (time.perf_counter() - t0) / args.requests * 1e6
+        print(f"engine per-request work: {us:.1f} us per request ({args.requests} requests; a CPU backend copies "
+              f"the 1 MB output into the region too, which a CUDA server's direct copy-out skips)")
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            asyncio.run(run(args.requests))
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(20)
+            print(out.getvalue())
+    finally:
+        for r in regions:
+            r.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
