@@ -378,13 +378,16 @@ class ShmTransport:
         with self._lock:
             return self.pinner.pinned_bytes if self.pinner is not None else 0
 
-    def _hold(self, region, holds: List["_Mapped"]) -> bool:
+    def _hold(self, region, holds: List["_Mapped"], held: Optional[List["_Mapped"]] = None) -> bool:
+        """Page-lock region (if not yet) and count this call as its user until `release(holds)`."""
         if self.pinner is None or not isinstance(region, _Mapped):
             return False
         with self._lock:
             if not region.hold_pinned(self.pinner):
                 return False
         holds.append(region)
+        if held is not None:
+            held.append(region)
         return True
 
     def output_placer(self, request: pb.Header, holds: List["_Mapped"]):
@@ -450,39 +453,41 @@ class ShmTransport:
         CUDA backend, borrow only from regions that could be page-locked, list them here (for `release`), and
         leave out (do not copy) the tensors in `borrow` that cannot be borrowed."""
         allocate = allocate or self.allocate
-        descs = [d for d in header.tensors if d.HasField("shm") and (names is None or d.name in names)]
+        # each descriptor's fields read once (protobuf field reads are not free on a GPU server's busiest thread)
+        descs = [(d.name, d.shm.region, d.shm.offset, d.nbytes, d.dtype, tuple(d.shape)) for d in header.tensors
+                 if d.HasField("shm") and (names is None or d.name in names)]
         regions: Dict[str, _Region] = {}
         out: Dict[str, torch.Tensor] = {}
         try:
-            for d in descs:  # check everything before copying anything
-                field = f"{d.name}.shm"
-                r = regions.get(d.shm.region)
+            for name, region_name, offset, nbytes, dtype, _ in descs:  # check everything before copying anything
+                field = f"{name}.shm"
+                r = regions.get(region_name)
                 if r is None:
-                    r = regions[d.shm.region] = self._open(d.shm.region, field, writable=False)
-                itemsize = ITEMSIZE[d.dtype]
-                r.check(d.shm.offset, d.nbytes, itemsize, field)
+                    r = regions[region_name] = self._open(region_name, field, writable=False)
+                r.check(offset, nbytes, ITEMSIZE[dtype], field)
             if check_only:
                 return out
             read = direct = 0
-            for d in descs:
-                region = regions[d.shm.region]
-                dtype, shape = PROTO_TO_TORCH[d.dtype], tuple(d.shape)
-                if d.name in borrow and isinstance(region, _Mapped) and d.nbytes and (
-                        holds is None or self._hold(region, holds)):
-                    out[d.name] = region.typed_view(d.shm.offset, dtype, shape)
+            held: List[_Mapped] = []  # regions this call already holds page-locked (one hold per region)
+            for name, region_name, offset, nbytes, proto_dtype, shape in descs:
+                region = regions[region_name]
+                dtype = PROTO_TO_TORCH[proto_dtype]
+                if name in borrow and isinstance(region, _Mapped) and nbytes and (
+                        holds is None or any(h is region for h in held) or self._hold(region, holds, held)):
+                    out[name] = region.typed_view(offset, dtype, shape)
                     if holds is not None:
-                        direct += d.nbytes
-                elif holds is not None and d.name in borrow:
+                        direct += nbytes
+                elif holds is not None and name in borrow:
                     continue  # not page-locked: left to the caller (read through staging by the compute worker)
-                elif isinstance(region, _Mapped) and d.nbytes <= SMALL_BYTES:
-                    out[d.name] = region.copy_small(d.shm.offset, dtype, shape)
-                elif d.nbytes == 0:
-                    out[d.name] = torch.empty(shape, dtype=dtype)
+                elif isinstance(region, _Mapped) and nbytes <= SMALL_BYTES:
+                    out[name] = region.copy_small(offset, dtype, shape)
+                elif nbytes == 0:
+                    out[name] = torch.empty(shape, dtype=dtype)
                 else:
-                    buf = allocate(d.nbytes)
-                    region.read_into(buf, d.shm.offset, f"{d.name}.shm")
-                    out[d.name] = buf.view(dtype).view(shape)
-                read += d.nbytes
+                    buf = allocate(nbytes)
+                    region.read_into(buf, offset, f"{name}.shm")
+                    out[name] = buf.view(dtype).view(shape)
+                read += nbytes
             with self._lock:
                 self.bytes_read += read
                 self.bytes_direct_in += direct

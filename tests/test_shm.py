@@ -432,7 +432,8 @@ def test_pinned_inputs_are_borrowed_and_unpinned_only_after_eviction_and_release
     # views of the server's mapping of the client's region: no copy, and registered once for both tensors
     assert got["q"].data_ptr() == mapped.address + header.tensors[0].shm.offset
     assert torch.equal(got["k"], small_inputs()[1][1]) and transport.bytes_direct_in == got["q"].nbytes * 2
-    assert len(reg.live) == 1 and transport.pinned_bytes() == 1 << 20 and len(holds) == 2
+    assert len(reg.live) == 1 and transport.pinned_bytes() == 1 << 20 and holds == [mapped]  # one hold per region
+    assert mapped.users == 1
     with transport._lock:
         transport._mapped.pop(region.name).evict()  # evicted while a call still uses it: stays pinned
     assert len(reg.live) == 1
