@@ -4,8 +4,8 @@
 
 Drives `Engine._run` (server/engine.py) in-process with the batching benchmark's request (512 tokens x 16 heads x
 64, bf16, q/k/v and the outputs in shared-memory regions) and the launch stubbed out, so what is timed is the work
-batching cannot share: the hand-over's tensors, shared-memory views, job and scheduler bookkeeping, writing the
-outputs. On the H200 host that work bounds the batched rate (bench/results/engine_profile_2026-12-03_h200_session7.txt);
+batching cannot share: the hand-over's tensors, shared-memory views and page-lock holds, job bookkeeping, the
+outputs' descriptors (the scheduler's queue and the messages to the front ends are not included). On the H200 host that work bounds the batched rate (bench/results/engine_profile_2026-12-03_h200_session7.txt);
 this measures it on any machine, before and after a change. `--profile`: the top functions by own time."""
 from __future__ import annotations
 
@@ -26,16 +26,26 @@ from flashserve.server.app import build_service
 from flashserve.server.backends.torch_backend import TorchBackend
 from flashserve.server.config import ServerConfig
 from flashserve.server.engine import Engine, tensor_to_wire
+from flashserve.server.shm import HostPinner
 from flashserve.server.validation import attention_params, check_header
 
 
-def make_engine():
+def make_engine(cuda_like: bool = True):
+    """An engine whose launch is stubbed. cuda_like: the shared-memory path of a CUDA server (regions "page-locked"
+    by a stand-in registrar, inputs borrowed, outputs placed where the GPU's direct copy would put them; the
+    copies themselves, DMA on a GPU, are left out); else a CPU server's (outputs copied into the region)."""
     cfg = ServerConfig(allow_shm=True, backend="torch", device="cpu")
     service = build_service(cfg, TorchBackend("cpu"))
+    if cuda_like:
+        service.shm.pinner = HostPinner(1 << 40, register=lambda addr, size: True, unregister=lambda addr, size: None)
+        service.pool = None  # a CUDA server has no receive-buffer pool: page-locked borrowing instead
     lse = torch.zeros(16, 512)
 
     async def launch_stub(job):  # what the compute worker does around a launch, minus the launch
         outputs = {"out": job.tensors["q"], "softmax_lse": lse}
+        if job.output_dest is not None:  # where the device-to-host copy would land
+            placed = {name: job.output_dest(name, t) for name, t in outputs.items()}
+            outputs = {name: t if placed[name] is None else placed[name] for name, t in outputs.items()}
         if job.finish is not None:
             job.finish(outputs)
         return outputs
@@ -69,8 +79,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--cpu-path", action="store_true", help="a CPU server's path (outputs copied) instead")
     args = p.parse_args()
-    cfg, service, engine = make_engine()
+    cfg, service, engine = make_engine(cuda_like=not args.cpu_path)
     regions = (client_shm.Region(8 << 20, memfd=True), client_shm.Region(4 << 20, memfd=True))
     payload = make_payload(cfg, service, regions)
 
@@ -83,8 +94,8 @@ def main() -> int:
         t0 = time.perf_counter()
         asyncio.run(run(args.requests))
         us = (time.perf_counter() - t0) / args.requests * 1e6
-        print(f"engine per-request work: {us:.1f} us per request ({args.requests} requests; a CPU backend copies "
-              f"the 1 MB output into the region too, which a CUDA server's direct copy-out skips)")
+        path = "CPU server's path, 1 MB output copy included" if args.cpu_path else "CUDA server's path, copies excluded"
+        print(f"engine per-request work: {us:.1f} us per request ({args.requests} requests; {path})")
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
