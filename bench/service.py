@@ -310,63 +310,101 @@ def worker_seconds(metrics_port: int, processes: int = 1):
     return out
 
 
-def batching_pair(tmpdir, device, concurrency, count, extra, processes=1):
+def batching_pair(tmpdir, device, concurrency, count, extra, processes=1, rounds=3):
+    """Batching on against off. Both servers run the whole time and take the load in turn, `rounds` rounds of
+    `count` requests each (on/off, then off/on, ...), so that a shared host's changing load weighs on both alike;
+    req/s = all requests / all time per setting, latency = the median of the rounds' percentiles, and each round's
+    own on/off ratio is reported too."""
     from flashserve.server.loadtest import Workload, run_sweep
 
-    out = {}
     wl = Workload(tokens=512, heads=16, head_dim=64, dtype="bfloat16", op="forward")
     procs = int(extra[extra.index("--processes") + 1]) if "--processes" in extra else 1
     if "--frontends" in extra:  # metrics: the engine on the port, front end i on port + 1 + i
         procs = int(extra[extra.index("--frontends") + 1]) + 1
-    for name, flags in (("batching on", ["--batch-tokens", "32768", "--batch-delay-us", "500"]),
-                        ("batching off", ["--batch-tokens", "0"])):
-        port = free_port()  # (with --processes N, N ports from here on: free in practice on a test host)
-        srv = Proc(["--backend", "auto", "--allow-shm", "--device", device, "--metrics-port", str(port), *flags,
-                    *extra], tmpdir)
-        try:
-            cpu0 = srv.cpu_s()  # counts the warm-up requests too (see n below)
-            threads0 = srv.thread_cpu_s()
-            work0 = worker_seconds(port, procs)
-            host0 = host_cpu_ticks()
-            rep = run_sweep(srv.target, wl, [concurrency], duration=60, count=count, warmup=1, transport="shm",
-                            progress=False, client_kwargs=dict(timeout=600), processes=processes)
-            server_cpu_s = srv.cpu_s() - cpu0
-            threads1 = srv.thread_cpu_s()
-            work1 = worker_seconds(port, procs)
-            host1 = host_cpu_ticks()
-        finally:
+    settings = (("batching on", ["--batch-tokens", "32768", "--batch-delay-us", "500"]),
+                ("batching off", ["--batch-tokens", "0"]))
+    servers, ports = {}, {}
+    try:
+        for name, flags in settings:
+            ports[name] = free_port()  # (with --processes N, N ports from here on: free in practice on a test host)
+            servers[name] = Proc(["--backend", "auto", "--allow-shm", "--device", device, "--metrics-port",
+                                  str(ports[name]), *flags, *extra], tmpdir)
+        acc = {name: dict(requests=0, warmup=0, duration_s=0.0, errors=0, server_cpu_s=0.0, loop=[0.0, 0.0, 0.0],
+                          work={"busy": 0.0, "cpu": 0.0, "gpu_wait": 0.0}, host=[0, 0], levels=[])
+               for name, _ in settings}
+        for r in range(rounds):
+            order = settings if r % 2 == 0 else settings[::-1]
+            for name, _ in order:
+                srv, a = servers[name], acc[name]
+                cpu0, threads0 = srv.cpu_s(), srv.thread_cpu_s()  # counts the warm-up requests too
+                work0, host0 = worker_seconds(ports[name], procs), host_cpu_ticks()
+                rep = run_sweep(srv.target, wl, [concurrency], duration=60, count=count, warmup=1, transport="shm",
+                                progress=False, client_kwargs=dict(timeout=600), processes=processes)
+                a["server_cpu_s"] += srv.cpu_s() - cpu0
+                threads1, work1, host1 = srv.thread_cpu_s(), worker_seconds(ports[name], procs), host_cpu_ticks()
+                for i in range(3):
+                    a["loop"][i] += threads1[i] - threads0[i]
+                for k in a["work"]:
+                    a["work"][k] += work1.get(k, 0.0) - work0.get(k, 0.0)
+                if host0 and host1:
+                    a["host"][0] += host1[0] - host0[0]
+                    a["host"][1] += host1[1] - host0[1]
+                lvl = rep["levels"][0]
+                a["levels"].append(lvl)
+                a["requests"] += lvl["requests"]
+                a["warmup"] += concurrency  # the counters also saw the warm-up requests (one per client)
+                a["duration_s"] += lvl["duration_s"]
+                a["errors"] += lvl["error_count"]
+                a["transport"], a["server"] = rep["transport"], rep["server"]
+            on, off = (acc[n]["levels"][-1]["requests_per_s"] for n, _ in settings)
+            print(f"  round {r + 1}: on {on:.1f}, off {off:.1f} req/s ({on / off:.2f}x)", flush=True)
+    finally:
+        for srv in servers.values():
             srv.stop()
-        lvl = rep["levels"][0]
-        out[name] = {k: lvl[k] for k in ("requests", "error_count", "duration_s", "requests_per_s", "tokens_per_s",
-                                         "latency_ms", "mean_batch_requests", "launches_per_request", "stage_ms_p50")}
-        # the counters also saw the warm-up requests (one per client): count them in
-        n = max(1, lvl["requests"] + concurrency)
-        out[name]["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / n
-        # where the server's time per request goes: its event-loop thread's CPU, and the compute workers' wall
+    out = {}
+    for name, _ in settings:
+        a = acc[name]
+        lv = a["levels"]
+        n = max(1, a["requests"] + a["warmup"])
+        med = lambda key, sub=None: statistics.median(x[key][sub] if sub else x[key] for x in lv)  # noqa: E731
+        o = out[name] = {
+            "requests": a["requests"], "error_count": a["errors"], "duration_s": a["duration_s"],
+            "requests_per_s": a["requests"] / max(1e-9, a["duration_s"]),
+            "tokens_per_s": a["requests"] * wl.tokens / max(1e-9, a["duration_s"]),
+            "latency_ms": {q: med("latency_ms", q) for q in lv[0]["latency_ms"]},
+            "mean_batch_requests": sum(x["mean_batch_requests"] * x["requests"] for x in lv) / max(1, a["requests"]),
+            "launches_per_request": sum(x["launches_per_request"] * x["requests"] for x in lv) / max(1, a["requests"]),
+            "stage_ms_p50": {k: statistics.median(x["stage_ms_p50"].get(k, float("nan")) for x in lv)
+                             for k in lv[0]["stage_ms_p50"]},
+            "rounds_requests_per_s": [x["requests_per_s"] for x in lv],
+            "server_cpu_ms_per_request": a["server_cpu_s"] * 1e3 / n}
+        # where the server's time per request goes: its event-loop threads' CPU, and the compute workers' wall
         # time split into CPU, waits for the GPU and the rest (runnable but not running: the GIL, a busy host)
-        work = {k: work1.get(k, 0.0) - work0.get(k, 0.0) for k in ("busy", "cpu", "gpu_wait")}
-        out[name]["server_ms_per_request"] = {
-            "event_loop_cpu": (threads1[0] - threads0[0]) * 1e3 / n,
-            "other_threads_cpu": (threads1[1] - threads0[1]) * 1e3 / n,
-            "worker_busy": work["busy"] * 1e3 / n, "worker_cpu": work["cpu"] * 1e3 / n,
-            "worker_gpu_wait": work["gpu_wait"] * 1e3 / n,
-            "worker_other": (work["busy"] - work["cpu"] - work["gpu_wait"]) * 1e3 / n,
-            "gpu_process_loop_cpu": (threads1[2] - threads0[2]) * 1e3 / n}  # of event_loop_cpu
+        w = a["work"]
+        o["server_ms_per_request"] = {
+            "event_loop_cpu": a["loop"][0] * 1e3 / n, "other_threads_cpu": a["loop"][1] * 1e3 / n,
+            "worker_busy": w["busy"] * 1e3 / n, "worker_cpu": w["cpu"] * 1e3 / n,
+            "worker_gpu_wait": w["gpu_wait"] * 1e3 / n,
+            "worker_other": (w["busy"] - w["cpu"] - w["gpu_wait"]) * 1e3 / n,
+            "gpu_process_loop_cpu": a["loop"][2] * 1e3 / n}  # of event_loop_cpu
         # busy workers on average over the timed requests (the warm-up's share taken out)
-        out[name]["worker_utilisation"] = work["busy"] * lvl["requests"] / n / max(1e-9, lvl["duration_s"])
-        if host0 and host1:  # how busy the whole host was (clients included): are the clients the limit?
-            out[name]["host_cpu_busy_fraction"] = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
-        out[name]["transport"] = rep["transport"]
-        out[name]["server_device"] = rep["server"]["device"]
-        out[name]["server_backend"] = rep["server"]["backend"]
-        print(f"  {name}: {lvl['requests_per_s']:.1f} req/s, {lvl['launches_per_request']:.3f} launches/request, "
-              f"p50 {lvl['latency_ms']['p50']:.0f} ms, p99 {lvl['latency_ms']['p99']:.0f} ms, server CPU "
-              f"{out[name]['server_cpu_ms_per_request']:.2f} ms/request, host CPU busy "
-              f"{out[name].get('host_cpu_busy_fraction', float('nan')):.0%}", flush=True)
-        print("    server ms/request: " + ", ".join(f"{k} {v:.2f}" for k, v in out[name]["server_ms_per_request"].items())
-              + f"; workers busy on average {out[name]['worker_utilisation']:.2f}", flush=True)
+        o["worker_utilisation"] = w["busy"] * a["requests"] / n / max(1e-9, a["duration_s"])
+        if a["host"][1]:  # how busy the whole host was (clients included): are the clients the limit?
+            o["host_cpu_busy_fraction"] = a["host"][0] / a["host"][1]
+        o["transport"] = a["transport"]
+        o["server_device"] = a["server"]["device"]
+        o["server_backend"] = a["server"]["backend"]
+        print(f"  {name}: {o['requests_per_s']:.1f} req/s, {o['launches_per_request']:.3f} launches/request, "
+              f"p50 {o['latency_ms']['p50']:.0f} ms, p99 {o['latency_ms']['p99']:.0f} ms, server CPU "
+              f"{o['server_cpu_ms_per_request']:.2f} ms/request, host CPU busy "
+              f"{o.get('host_cpu_busy_fraction', float('nan')):.0%}", flush=True)
+        print("    server ms/request: " + ", ".join(f"{k} {v:.2f}" for k, v in o["server_ms_per_request"].items())
+              + f"; workers busy on average {o['worker_utilisation']:.2f}", flush=True)
     out["throughput_ratio"] = out["batching on"]["requests_per_s"] / out["batching off"]["requests_per_s"]
-    out["workload"] = dict(wl.shape, concurrency=concurrency, requests=count, client_processes=processes)
+    out["round_ratios"] = [a / b for a, b in zip(out["batching on"]["rounds_requests_per_s"],
+                                                 out["batching off"]["rounds_requests_per_s"])]
+    out["workload"] = dict(wl.shape, concurrency=concurrency, requests=count, rounds=rounds,
+                           client_processes=processes)
     return out
 
 
@@ -505,7 +543,8 @@ def _payload_markdown(r):
 def _batching_markdown(b):
     w = b["workload"]
     L = ["", f"## 3. Batching on / off ({w['concurrency']} concurrent clients in {w.get('client_processes', 1)} "
-              f"processes, {w['requests']} forward requests of "
+              f"processes, {w.get('rounds', 1)} rounds of {w['requests']} forward requests per setting, taken in "
+              f"turn, of "
               f"{w['tokens']} tokens x {w['heads']} heads x {w['head_dim']} {w['dtype']}, transport "
               f"{b['batching on']['transport']}, server on {b['batching on']['server_device']})", "",
           "| setting | req/s | tokens/s | kernel launches / request | mean requests / launch | p50 ms | p99 ms | "
@@ -518,6 +557,11 @@ def _batching_markdown(b):
                  f"{x.get('server_cpu_ms_per_request', float('nan')):.2f} | "
                  f"{x.get('host_cpu_busy_fraction', float('nan')):.0%} | {x['error_count']} |")
     L.append(f"\nthroughput on / off: {b['throughput_ratio']:.2f}x")
+    if b.get("round_ratios"):
+        L.append("by round (on / off req/s): " + ", ".join(
+            f"{on:.0f} / {off:.0f} = {on / off:.2f}x" for on, off in zip(b["batching on"]["rounds_requests_per_s"],
+                                                                        b["batching off"]["rounds_requests_per_s"])))
+        L.append("(req/s over all rounds; latency percentiles: the median of the rounds')")
     L += ["", "Median ms per request by server stage (flashserve bench); outside = round trip minus the stages "
           "(client work, gRPC both ways, validation, waits for a thread):", "",
           "| setting | receive | queue | copy in | compute | copy out | outside |",
@@ -574,6 +618,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=64, help="clients in the batching comparison")
     p.add_argument("--batch-requests", type=int, default=0, help="requests per batching setting (0: by device)")
     p.add_argument("--skip-batching", action="store_true")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="batching comparison: rounds of requests per setting, the two servers taking turns")
     p.add_argument("--batching-only", action="store_true", help="only section 3 (batching on / off)")
     p.add_argument("--client-processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                    help="processes the batching comparison's clients are spread over")
@@ -624,11 +670,12 @@ def main(argv=None) -> int:
             raw.stop()
     if not args.skip_batching:
         n = args.batch_requests or (2048 if args.device == "cuda" else (64 if args.quick else 128))
-        print(f"3. batching on/off ({args.concurrency} clients, {n} requests each setting)", flush=True)
+        print(f"3. batching on/off ({args.concurrency} clients, {args.rounds} rounds of {n} requests each setting)",
+              flush=True)
         report["batching"] = batching_pair(tmp, args.device, args.concurrency, n,
                                            ["--max-concurrent", str(max(256, 2 * args.concurrency)),
                                             *args.server_args.split()],
-                                           processes=args.client_processes)
+                                           processes=args.client_processes, rounds=args.rounds)
     if "server" not in report and report.get("batching"):
         on = report["batching"]["batching on"]
         report["server"] = {"backend": on["server_backend"], "device": on["server_device"]}
