@@ -6,7 +6,9 @@ bench/results/service_cuda_2026-12-03_h200_session6.md). Here the process that `
 the batching scheduler, the shared-memory GPU copies and the residuals, and speaks no gRPC; N front-end processes
 (its children, restarted when they die) share the TCP port (SO_REUSEPORT), speak gRPC (health, reflection,
 auth, TLS), decode and validate each request and hand it to the engine over a Unix socket. Batching then spans
-the clients of every front end, and the engine's GIL is spent on launches and copies only.
+the clients of every front end, and the engine's GIL is spent on the hand-over, shared-memory views and launches
+(a profile of it under load: bench/results/engine_profile_2026-12-03_h200_session7.txt; its per-request cost on any
+machine: bench/engine_requests.py).
 
 What a front end hands over: the request header; the tensors it validated, by value (cu_seqlens, alibi: the
 client cannot change them after the check); chunk-path tensors by value (extra host copies: the gRPC chunk
@@ -35,7 +37,7 @@ from flashserve.proto import attention_pb2 as pb
 from flashserve.wire import WireError
 
 from .backends.base import AttentionParams, Capabilities
-from .service import AttentionService, _CallResources
+from .service import AttentionService, CallResources
 from .validation import RequestError, Shapes, attention_params
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,8 @@ def tensor_to_wire(t: torch.Tensor) -> tuple:
 
 
 def tensor_from_wire(value: tuple) -> torch.Tensor:
-    dtype_name, shape, raw = value
-    dtype = getattr(torch, dtype_name)
+    name, shape, raw = value
+    dtype = getattr(torch, name)
     if not raw:
         return torch.empty(shape, dtype=dtype)
     t = torch.frombuffer(raw, dtype=dtype)  # one torch call (small tensors: cu_seqlens, alibi slopes)
@@ -223,7 +225,7 @@ class Engine:
                                f"(--max-concurrent); retry later")
         op = p["op"]
         header = pb.Header.FromString(p["header"])
-        res = _CallResources(svc.pool.lease() if svc.pool is not None else None)
+        res = CallResources(svc.pool.lease() if svc.pool is not None else None)
         svc.in_flight += 1  # the scheduler launches at once when every request in flight is queued
         tensors = outputs = job = None
         try:

@@ -64,7 +64,7 @@ def set_timings(reply: pb.Header, t: Dict[str, float]) -> None:
         _child(metrics.STAGE, stage[:-2]).observe(t.get(stage, 0))
 
 
-class _CallResources:
+class CallResources:
     """What one call holds until it ends: a receive-buffer lease (CPU), page-locked shared-memory regions its
     GPU copies use, and the bytes it reserved against --max-inflight-bytes."""
     __slots__ = ("lease", "holds", "admitted")
@@ -188,7 +188,7 @@ class AttentionService(pb_grpc.AttentionServicer):
                                       f"(--max-concurrent); retry later")
         self.in_flight += 1
         metrics.IN_FLIGHT.inc()
-        res = _CallResources(self.pool.lease() if self.pool is not None else None)
+        res = CallResources(self.pool.lease() if self.pool is not None else None)
         tensors = outputs = job = None
         try:
             header, tensors, shapes, params, received_s, large = await self._receive(
@@ -231,7 +231,7 @@ class AttentionService(pb_grpc.AttentionServicer):
             _child(metrics.REQUESTS, method, code.name).inc()
             _child(metrics.LATENCY, method).observe(time.perf_counter() - started)
 
-    def release_resources(self, res: "_CallResources") -> None:
+    def release_resources(self, res: "CallResources") -> None:
         self.inflight_bytes -= res.admitted[0]
         res.admitted[0] = 0
         if res.holds:
@@ -242,7 +242,7 @@ class AttentionService(pb_grpc.AttentionServicer):
             res.lease = None
 
     async def run_job(self, operation: int, header: pb.Header, tensors, shapes, params, received_s: float,
-                      large, remaining: Optional[float], res: "_CallResources"):
+                      large, remaining: Optional[float], res: "CallResources"):
         """Compute a validated request: (reply header, outputs, job). `large`: shared-memory inputs read on the
         compute worker right before the launch. Used by a single-process server's calls and by the GPU process
         of `serve --frontends N` for the requests its front ends hand over."""
