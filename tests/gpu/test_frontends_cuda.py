@@ -49,10 +49,13 @@ def test_frontends_on_cuda():
         assert len(seen) == 2, "".join(lines)
         threading.Thread(target=proc.stdout.read, daemon=True).start()
         errors = []
+        start = threading.Barrier(8)
 
         def worker(i):
             try:
                 with flashserve.Client(target, timeout=120, transport="shm" if i % 2 else "bytes") as c:
+                    c.server_info()  # connected first: the requests then arrive together and can share launches
+                    start.wait(60)
                     g = torch.Generator().manual_seed(i)
                     q, k, v = (torch.randn(2, 300 + 40 * i, 4, 64, generator=g).to(torch.bfloat16).requires_grad_()
                                for _ in range(3))
