@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import dataclasses
 import io
 import pstats
 import time
@@ -25,7 +24,7 @@ from flashserve.proto import attention_pb2 as pb
 from flashserve.server.app import build_service
 from flashserve.server.backends.torch_backend import TorchBackend
 from flashserve.server.config import ServerConfig
-from flashserve.server.engine import Engine, tensor_to_wire
+from flashserve.server.engine import Engine, run_payload
 from flashserve.server.shm import HostPinner
 from flashserve.server.validation import attention_params, check_header
 
@@ -68,11 +67,8 @@ def make_payload(cfg, service, regions):
     header.output_region = outputs.name
     shapes = check_header(header, pb.FORWARD, service.caps, cfg, False)
     params = attention_params(header, 64, service.caps, pb.FORWARD)
-    return dict(op=pb.FORWARD, header=header.SerializeToString(),
-                shapes=(*dataclasses.astuple(shapes)[:-1], "bfloat16"), params=dataclasses.astuple(params),
-                tensors={"cu_seqlens_q": tensor_to_wire(cu), "cu_seqlens_k": tensor_to_wire(cu)},
-                large=["q", "k", "v"], remaining=None, received_s=0.0, in_flight=1,
-                nbytes=sum(d.nbytes for d in header.tensors))
+    small = {"cu_seqlens_q": cu, "cu_seqlens_k": cu}  # validated by value on the front end
+    return run_payload(pb.FORWARD, header, small, shapes, params, {"q", "k", "v"}, 0.0, None, 1)
 
 
 def main() -> int:

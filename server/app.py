@@ -167,8 +167,6 @@ async def serve_engine(config: ServerConfig, backend: Backend, stop: asyncio.Eve
     """The GPU process of `serve --frontends N`: computes what its N front-end processes hand over (server/engine.py)."""
     from .processes import Supervisor
 
-    if config.processes > 1:
-        raise SystemExit("--frontends and --processes exclude each other: front ends already share the port")
     service = build_service(config, backend)
     engine = Engine(service)
     sockdir = tempfile.mkdtemp(prefix="flashserve-engine-")  # 0700: only this user reaches the engine

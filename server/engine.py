@@ -34,7 +34,7 @@ import grpc
 import torch
 
 from flashserve.proto import attention_pb2 as pb
-from flashserve.wire import WireError
+from flashserve.wire import PROTO_TO_TORCH, TORCH_TO_PROTO, WireError, byte_view
 
 from .backends.base import AttentionParams, Capabilities
 from .service import AttentionService, CallResources
@@ -46,19 +46,13 @@ ENGINE_ENV = "FLASHSERVE_ENGINE_SOCKET"  # set in a front end's environment: the
 _LEN = struct.Struct("<Q")
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def tensor_to_wire(t: torch.Tensor) -> tuple:
-    t = t.detach().contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-    return dtype_name(t.dtype), tuple(t.shape), bytearray(raw)
+    return TORCH_TO_PROTO[t.dtype], tuple(t.shape), bytearray(byte_view(t))
 
 
 def tensor_from_wire(value: tuple) -> torch.Tensor:
-    name, shape, raw = value
-    dtype = getattr(torch, name)
+    code, shape, raw = value
+    dtype = PROTO_TO_TORCH[code]
     if not raw:
         return torch.empty(shape, dtype=dtype)
     t = torch.frombuffer(raw, dtype=dtype)  # one torch call (small tensors: cu_seqlens, alibi slopes)
@@ -243,7 +237,7 @@ class Engine:
                 tensors.update(got)
             shapes = p["shapes"]
             if shapes is not None:
-                shapes = Shapes(*shapes[:-1], getattr(torch, shapes[-1]))
+                shapes = Shapes(*shapes[:-1], PROTO_TO_TORCH[shapes[-1]])
             reply, outputs, job = await svc.run_job(op, header, tensors, shapes, params, p["received_s"],
                                                     large, p["remaining"], res)
             # (the front end puts the timings into the reply: less work on this, the busiest, loop)
@@ -264,6 +258,18 @@ class Engine:
 
 
 # ---- the front end's side ------------------------------------------------------------------------
+def run_payload(operation: int, header: pb.Header, tensors, shapes, params, large, received_s: float,
+                remaining: Optional[float], in_flight: int) -> dict:
+    """A validated request as the engine's "run" message. Shapes and parameters travel as plain tuples (cheaper
+    to unpickle); nbytes is counted here (the engine's admission check then reads no descriptors)."""
+    return dict(op=operation, header=header.SerializeToString(),
+                shapes=None if shapes is None else (*dataclasses.astuple(shapes)[:-1], TORCH_TO_PROTO[shapes.dtype]),
+                params=None if params is None else dataclasses.astuple(params),
+                tensors={name: tensor_to_wire(t) for name, t in tensors.items()}, large=sorted(large),
+                remaining=remaining, received_s=received_s, in_flight=in_flight,
+                nbytes=sum(d.nbytes for d in header.tensors))
+
+
 class RemoteBackend:
     """What a front end knows of the engine's backend (for validation and GetServerInfo); computes nothing."""
 
@@ -341,13 +347,8 @@ class EngineClient:
                   remaining: Optional[float], in_flight: int = 1):
         """Compute one validated request in the engine: (reply header, outputs by value, output descriptors,
         stage timings). in_flight: this front end's requests in flight now, this one included (for the engine's
-        batching policy). Shapes and parameters travel as plain tuples (cheaper to unpickle)."""
-        payload = dict(op=operation, header=header.SerializeToString(),
-                       shapes=None if shapes is None else (*dataclasses.astuple(shapes)[:-1], dtype_name(shapes.dtype)),
-                       params=None if params is None else dataclasses.astuple(params),
-                       tensors={name: tensor_to_wire(t) for name, t in tensors.items()}, large=sorted(large),
-                       remaining=remaining, received_s=received_s, in_flight=in_flight,
-                       nbytes=sum(d.nbytes for d in header.tensors))
+        batching policy)."""
+        payload = run_payload(operation, header, tensors, shapes, params, large, received_s, remaining, in_flight)
         result = await self._request("run", payload)
         reply = pb.Header(operation=operation, residual_handle=result["handle"])
         if "descs" in result:

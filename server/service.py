@@ -385,11 +385,10 @@ class AttentionService(pb_grpc.AttentionServicer):
                                f"{list(job.tensors['q'].shape)}), got {dout.dtype} {list(dout.shape)}")
 
     async def _send(self, reply: pb.Header, outputs: Dict[str, torch.Tensor], request: pb.Header,
-                    timings: Optional[Dict[str, float]], descs: Optional[list]):
-        """Stream the reply. timings: the job's stage times (None when reply.timings is already set);
-        descs: the outputs' descriptors when the compute worker already wrote them into shared memory."""
-        if timings is not None:
-            set_timings(reply, timings)
+                    timings: Dict[str, float], descs: Optional[list]):
+        """Stream the reply. timings: the job's stage times; descs: the outputs' descriptors when the compute
+        worker already wrote them into shared memory."""
+        set_timings(reply, timings)
         names = list(outputs)
         if request.output_region and self.shm is not None:
             if descs is None:  # not written by the compute worker (Job.finish): write them now

@@ -152,11 +152,7 @@ def test_a_dead_front_end_is_replaced_and_sigterm_stops_all():
         first = children(sup.proc.pid)
         assert len(first) == 2
         os.kill(first[0], signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (len(children(sup.proc.pid)) == 2 and first[0] not in
-                                                   children(sup.proc.pid)):
-            time.sleep(0.2)
-        sup.wait_listening(1)
+        sup.wait_replaced(first[0], 2)
         for seed in range(4):
             q, k, v, cu, mx = varlen_inputs(10 + seed, lengths=(5, 30))
             with flashserve.Client(target, timeout=60) as c:

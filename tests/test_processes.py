@@ -78,6 +78,14 @@ class Supervised:
         assert len(seen) == count, "".join(self.lines)
         return self.target
 
+    def wait_replaced(self, dead: int, count: int, timeout: float = 60) -> None:
+        """Until the supervisor again runs `count` children, none of them `dead`, and the new one listens."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not (len(children(self.proc.pid)) == count and
+                                                   dead not in children(self.proc.pid)):
+            time.sleep(0.2)
+        self.wait_listening(1)
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -117,11 +125,7 @@ def test_processes_share_the_port_and_the_load_and_a_dead_one_is_replaced():
         while time.monotonic() < deadline and os.path.exists(f"/proc/{first[0]}"):
             time.sleep(0.05)
         forward_matches(target, 100)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (len(children(sup.proc.pid)) == 2 and first[0] not in
-                                                   children(sup.proc.pid)):
-            time.sleep(0.2)
-        sup.wait_listening(1)
+        sup.wait_replaced(first[0], 2)
         assert len(children(sup.proc.pid)) == 2 and first[0] not in children(sup.proc.pid)
         for i in range(8):
             forward_matches(target, 200 + i)
