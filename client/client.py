@@ -208,7 +208,7 @@ class Client:
             if wire.chunk_count(tensors, chunk) > 1:
                 frames = wire.ahead(frames)  # encode the next chunk while this one is sent
             reply, outputs = wire.read_stream(method(frames, timeout=timeout, metadata=metadata),
-                                              allocate=self._buffers.allocate)
+                                              allocate=self._buffers.allocate, read_ahead_bytes=wire.READ_AHEAD_BYTES)
             self.bytes_sent += sent
             return reply, outputs
 

@@ -218,17 +218,43 @@ def as_tensor(buf: torch.Tensor, desc: pb.TensorDesc) -> torch.Tensor:
     return buf.view(dtype).view(tuple(desc.shape))
 
 
-def read_stream(frames: Iterable[pb.Frame], allocate=None) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
-    """Collect one direction of a call (synchronous iterator of frames)."""
+READ_AHEAD_BYTES = 8 << 20  # replies at least this large are received on a helper thread (read_stream)
+
+
+def read_stream(frames: Iterable[pb.Frame], allocate=None,
+                read_ahead_bytes: int = 0) -> Tuple[pb.Header, Dict[str, torch.Tensor]]:
+    """Collect one direction of a call (synchronous iterator of frames).
+
+    With read_ahead_bytes, a stream whose header describes at least that many chunk bytes is pulled from
+    `frames` on a helper thread (`ahead`) while this thread copies each chunk into place: a gRPC stream asks
+    the transport for its next message only when iterated, so copying between two iterations would leave
+    the connection idle for the copy's duration."""
     asm = TensorAssembler(allocate)
-    for frame in frames:
+    it = iter(frames)
+    for frame in it:
         kind = frame.WhichOneof("kind")
         if kind == "header":
             asm.set_header(frame.header)
+            if read_ahead_bytes and asm.expected_bytes() >= read_ahead_bytes:
+                it = ahead(it, depth=4, name="flashserve-read")
+                break
         elif kind == "chunk":
             asm.add_chunk(frame.chunk)
         else:
             raise WireError("an empty frame arrived", "frame")
+    try:
+        for frame in it:  # the rest, read ahead (nothing left when the loop above ran to the end)
+            kind = frame.WhichOneof("kind")
+            if kind == "chunk":
+                asm.add_chunk(frame.chunk)
+            elif kind == "header":
+                raise WireError("a second header arrived in one stream", "header")
+            else:
+                raise WireError("an empty frame arrived", "frame")
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # stops the helper thread if the stream was left early
     return asm.header, asm.finish()
 
 
@@ -308,7 +334,7 @@ class _Failed:
         self.exc = exc
 
 
-def ahead(items: Iterable, depth: int = 2) -> Iterator:
+def ahead(items: Iterable, depth: int = 2, name: str = "flashserve-encode") -> Iterator:
     """Yield what `items` yields, produced on a helper thread up to `depth` items ahead. Closing (or
     dropping) the returned generator stops the helper."""
     q: "queue.Queue" = queue.Queue(depth)
@@ -332,7 +358,7 @@ def ahead(items: Iterable, depth: int = 2) -> Iterator:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             put(_Failed(exc))
 
-    threading.Thread(target=produce, name="flashserve-encode", daemon=True).start()
+    threading.Thread(target=produce, name=name, daemon=True).start()
     try:
         while True:
             item = q.get()

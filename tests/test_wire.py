@@ -1,4 +1,7 @@
 """The wire format: chunking, the fast chunk codec's byte-identity with protobuf, reassembly."""
+import threading
+import time
+
 import pytest
 import torch
 
@@ -30,6 +33,36 @@ def test_decoded_frames_reassemble_every_tensor(chunk_bytes):
     _, out = wire.read_stream(frames)
     for i, t in enumerate(TENSORS):
         assert out[f"t{i}"].dtype == t.dtype and torch.equal(out[f"t{i}"], t)
+
+
+def test_read_ahead_pulls_a_large_reply_on_a_helper_thread():
+    h = _header(TENSORS)
+    encoded = list(wire.iter_encoded(h, TENSORS, 512))
+    pulled_on = []
+
+    def frames(extra=()):
+        for b in [*encoded, *extra]:
+            pulled_on.append(threading.get_ident())
+            yield wire.decode_frame(b)
+
+    _, out = wire.read_stream(frames(), read_ahead_bytes=1024)  # the stream carries ~4.7 KB: read ahead
+    for i, t in enumerate(TENSORS):
+        assert torch.equal(out[f"t{i}"], t)
+    assert pulled_on[0] == threading.get_ident() and set(pulled_on[1:]) == {pulled_on[-1]} != {pulled_on[0]}
+    pulled_on.clear()
+    wire.read_stream(frames(), read_ahead_bytes=1 << 20)  # smaller than the threshold: all on this thread
+    assert set(pulled_on) == {threading.get_ident()}
+    # bad streams fail the same way when read ahead, and the helper stops
+    with pytest.raises(wire.WireError, match="more bytes arrived"):
+        wire.read_stream(frames(extra=[encoded[1]]), read_ahead_bytes=1024)
+    with pytest.raises(wire.WireError, match="second header"):
+        wire.read_stream(frames(extra=[encoded[0]]), read_ahead_bytes=1024)
+    with pytest.raises(wire.WireError, match="stream ended early"):
+        wire.read_stream((wire.decode_frame(b) for b in encoded[:-1]), read_ahead_bytes=1024)
+    deadline = time.monotonic() + 5
+    while any(t.name == "flashserve-read" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a read-ahead helper thread was left running"
+        time.sleep(0.01)
 
 
 def test_decode_falls_back_to_protobuf_for_other_frames():
@@ -81,8 +114,6 @@ def test_ahead_yields_everything_in_order_and_passes_errors_on():
 
 
 def test_ahead_stops_its_thread_when_dropped():
-    import threading
-
     produced = []
 
     def endless():
