@@ -4,7 +4,6 @@ Every failure is a gRPC status on that call alone; the server keeps serving ever
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import functools
 import logging
@@ -22,6 +21,7 @@ from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, chunk_c
                              decode_frame, describe, encode_frame, iter_encoded)
 
 from . import metrics
+from .chunks import ChunkCopier, encode_ahead
 from .pool import BufferPool
 from .backends.base import Backend
 from .config import ServerConfig
@@ -119,6 +119,7 @@ class AttentionService(pb_grpc.AttentionServicer):
         # On a front end of `serve --frontends N`: the connection to the GPU process (server/engine.py), which
         # computes; this process only speaks gRPC and validates.
         self.engine = None
+        self.chunk_copier = ChunkCopier()
         self.copier = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
                                                             thread_name_prefix="flashserve-copy")
 
@@ -287,7 +288,7 @@ class AttentionService(pb_grpc.AttentionServicer):
         shapes = params = None
         t_first = None
         loop = asyncio.get_running_loop()
-        copies = collections.deque()  # chunk copies running on the copier threads, oldest first
+        copies = None  # this call's chunk copies on the helper threads (server/chunks.py), once there is one
         try:
             async for frame in request_iterator:
                 kind = frame.WhichOneof("kind")
@@ -315,18 +316,20 @@ class AttentionService(pb_grpc.AttentionServicer):
                         copy_pieces(pieces, frame.chunk)
                         continue
                     # the loop goes on receiving while this chunk is copied
-                    copies.append(loop.run_in_executor(self.copier, copy_pieces, pieces, frame.chunk))
-                    if len(copies) > COPIES_AHEAD:
-                        await copies.popleft()
+                    if copies is None:
+                        copies = self.chunk_copier.call(loop)
+                    copies.submit(pieces, frame.chunk)
+                    if copies.pending > COPIES_AHEAD:
+                        await copies.wait(COPIES_AHEAD)
                 elif kind == "header":
                     raise WireError("a second header arrived in one stream", "header")
                 else:
                     raise WireError("an empty frame arrived", "frame")
         finally:
-            if copies:  # never return while a copy still writes into this call's buffers
-                await asyncio.gather(*copies, return_exceptions=True)
-        for fut in copies:
-            fut.result()
+            if copies is not None:  # never return while a copy still writes into this call's buffers
+                await copies.drain()
+        if copies is not None and copies.error is not None:
+            raise copies.error
         if t_first is None:
             raise WireError("the request stream ended before any header arrived", "header")
         tensors = asm.finish()
@@ -406,13 +409,7 @@ class AttentionService(pb_grpc.AttentionServicer):
         if chunk_count(tensors, chunk) < 2:
             for frame in frames:
                 yield frame
-        else:  # encode the next chunk on a helper thread while this one is sent
-            loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(self.copier, next, frames, None)
-            while True:
-                frame = await pending
-                if frame is None:
-                    break
-                pending = loop.run_in_executor(self.copier, next, frames, None)
+        else:  # encode the next chunks on a helper thread while this one is sent
+            async for frame in encode_ahead(frames):
                 yield frame
         metrics.BYTES_OUT.inc(sum(d.nbytes for d in reply.tensors))

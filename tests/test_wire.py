@@ -39,6 +39,7 @@ def test_read_ahead_pulls_a_large_reply_on_a_helper_thread():
     h = _header(TENSORS)
     encoded = list(wire.iter_encoded(h, TENSORS, 512))
     pulled_on = []
+    before = set(threading.enumerate())
 
     def frames(extra=()):
         for b in [*encoded, *extra]:
@@ -60,7 +61,7 @@ def test_read_ahead_pulls_a_large_reply_on_a_helper_thread():
     with pytest.raises(wire.WireError, match="stream ended early"):
         wire.read_stream((wire.decode_frame(b) for b in encoded[:-1]), read_ahead_bytes=1024)
     deadline = time.monotonic() + 5
-    while any(t.name == "flashserve-read" for t in threading.enumerate()):
+    while any(t.name == "flashserve-read" for t in set(threading.enumerate()) - before):
         assert time.monotonic() < deadline, "a read-ahead helper thread was left running"
         time.sleep(0.01)
 
