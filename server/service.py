@@ -21,7 +21,7 @@ from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, chunk_c
                              decode_frame, describe, encode_frame, iter_encoded)
 
 from . import metrics
-from .chunks import ChunkCopier, encode_ahead
+from .chunks import ChunkCopier
 from .pool import BufferPool
 from .backends.base import Backend
 from .config import ServerConfig
@@ -409,7 +409,13 @@ class AttentionService(pb_grpc.AttentionServicer):
         if chunk_count(tensors, chunk) < 2:
             for frame in frames:
                 yield frame
-        else:  # encode the next chunks on a helper thread while this one is sent
-            async for frame in encode_ahead(frames):
+        else:  # encode the next chunk on a helper thread while this one is sent
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(self.copier, next, frames, None)
+            while True:
+                frame = await pending
+                if frame is None:
+                    break
+                pending = loop.run_in_executor(self.copier, next, frames, None)
                 yield frame
         metrics.BYTES_OUT.inc(sum(d.nbytes for d in reply.tensors))

@@ -1,4 +1,4 @@
-"""server/chunks.py: the receive side's chunk copies and the send side's encoding ahead, off the event loop."""
+"""server/chunks.py: the receive side's chunk copies, off the event loop."""
 import asyncio
 import threading
 import time
@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashserve import wire
-from flashserve.proto import attention_pb2 as pb
-from flashserve.server.chunks import ChunkCopier, encode_ahead
+from flashserve.server.chunks import ChunkCopier
 
 
 def test_copies_land_in_place_and_the_loop_waits_only_for_its_bound():
@@ -80,60 +78,3 @@ def test_drain_outlives_a_cancel_until_the_copies_are_done():
 
     asyncio.run(main())
     copier.close()
-
-
-def _frames(n):
-    tensors = [torch.randn(n * 256)]
-    return list(wire.iter_encoded(pb.Header(tensors=[wire.describe("t", tensors[0])]), tensors, 1024))
-
-
-def test_encode_ahead_yields_every_frame_in_order_from_a_helper_thread():
-    want = _frames(40)
-    threads = []
-
-    def produce():
-        for f in want:
-            threads.append(threading.get_ident())
-            yield f
-
-    async def main():
-        return [f async for f in encode_ahead(produce())]
-
-    assert asyncio.run(main()) == want
-    assert set(threads) != {threading.get_ident()}
-
-
-def test_encode_ahead_raises_the_encoders_error_and_stops_when_closed():
-    def failing():
-        yield b"one"
-        raise RuntimeError("encode failed")
-
-    async def collect(gen):
-        return [f async for f in gen]
-
-    with pytest.raises(RuntimeError, match="encode failed"):
-        asyncio.run(collect(encode_ahead(failing())))
-
-    produced = []
-
-    def endless():
-        i = 0
-        while True:
-            produced.append(i)
-            yield bytes([i % 256])
-            i += 1
-
-    before = set(threading.enumerate())
-
-    async def take_two():
-        gen = encode_ahead(endless(), depth=2)
-        got = [await gen.__anext__(), await gen.__anext__()]
-        await gen.aclose()
-        return got
-
-    assert asyncio.run(take_two()) == [b"\x00", b"\x01"]
-    deadline = time.monotonic() + 5
-    while any(t.name == "flashserve-encode" for t in set(threading.enumerate()) - before):
-        assert time.monotonic() < deadline, "the encoder thread kept running after the reply was closed"
-        time.sleep(0.01)
-    assert len(produced) <= 5
