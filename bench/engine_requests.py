@@ -6,7 +6,10 @@ Drives `Engine._run` (server/engine.py) in-process with the batching benchmark's
 64, bf16, q/k/v and the outputs in shared-memory regions) and the launch stubbed out, so what is timed is the work
 batching cannot share: the hand-over's tensors, shared-memory views and page-lock holds, job bookkeeping, the
 outputs' descriptors (the scheduler's queue and the messages to the front ends are not included). On the H200 host that work bounds the batched rate (bench/results/engine_profile_2026-12-03_h200_session7.txt);
-this measures it on any machine, before and after a change. `--profile`: the top functions by own time."""
+this measures it on any machine, before and after a change. `--profile`: the top functions by own time.
+`--gil-contention`: the same with a Python-busy thread beside it; each call on the path that releases the GIL (most
+torch ops do; tensor indexing, torch.from_numpy and numpy do not) then waits for the GIL, which is what such calls
+cost in the GPU process, where the event loop and the compute workers contend for it."""
 from __future__ import annotations
 
 import argparse
@@ -76,7 +79,20 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--cpu-path", action="store_true", help="a CPU server's path (outputs copied) instead")
+    p.add_argument("--gil-contention", action="store_true",
+                   help="run a Python-busy thread beside it, as the GPU process's compute workers are: every call "
+                        "that releases the GIL then costs a wait for it (up to the switch interval, 5 ms), and "
+                        "--profile shows which calls those are")
     args = p.parse_args()
+    if args.gil_contention:
+        import threading
+
+        def busy():
+            while True:
+                sum(range(1000))
+
+        threading.Thread(target=busy, daemon=True).start()
+        args.requests = min(args.requests, 200)
     cfg, service, engine = make_engine(cuda_like=not args.cpu_path)
     regions = (client_shm.Region(8 << 20, memfd=True), client_shm.Region(4 << 20, memfd=True))
     payload = make_payload(cfg, service, regions)

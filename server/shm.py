@@ -235,7 +235,7 @@ class _Mapped:
             os.close(fd)
         self._array = np.frombuffer(self._mmap, dtype=np.uint8) if self._mmap else np.empty(0, np.uint8)
         self.address = self._array.ctypes.data
-        self._flat: Dict[torch.dtype, torch.Tensor] = {}  # typed_view's bases, by dtype
+        self._bases: Dict[tuple, torch.Tensor] = {}  # typed_view's bases, by (dtype, row shape, offset % row bytes)
         # Page-locking (ShmTransport's lock guards these): None = not tried, else whether it is pinned. `users`
         # counts calls whose GPU copies may touch the mapping; it is unpinned only when evicted and unused, and
         # always before the mapping can go (the mapping lives as long as this object).
@@ -288,24 +288,32 @@ class _Mapped:
         if n:
             copy_bytes(dst.view(-1).numpy(), self._array[offset:offset + n])
 
+    _MAX_BASES = 64  # typed_view's cached bases per mapping (a varlen mix of lse shapes stays well below)
+
     def typed_view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        """A tensor of dtype and shape on the mapping itself at offset (no copy): one torch call on a flat tensor
-        of that dtype over the whole mapping, made once (a GPU server's busiest thread makes several per request)."""
-        itemsize = ITEMSIZE_OF[dtype]
-        base = self._flat.get(dtype)
-        if base is None or offset % itemsize:
-            if offset % itemsize:  # (callers check alignment; never misread an unaligned slice)
-                return _as_tensor(self._array[offset:offset + itemsize * math.prod(shape)], dtype, shape)
-            base = self._flat[dtype] = _as_tensor(self._array[:self._size - self._size % itemsize], dtype,
-                                                  (self._size // itemsize,))
+        """A tensor of dtype and shape on the mapping itself at offset (no copy), made by indexing a cached base
+        tensor of rows shaped like shape[1:]: indexing keeps the GIL, while every torch op (as_strided, view)
+        releases it, and in the GPU process, where the event loop and the compute workers contend for the GIL,
+        getting it back cost up to a switch interval per call (bench/engine_requests.py --gil-contention: 324 us
+        per request with as_strided views, see there for the number now)."""
         shape = tuple(shape)
-        strides, step = [], 1
-        for n in reversed(shape):
-            strides.append(step)
-            step *= n
-        if offset + itemsize * step > self._size:
-            raise ValueError(f"typed_view: [{offset}, {offset + itemsize * step}) lies outside the mapping")
-        return base.as_strided(shape, tuple(reversed(strides)), offset // itemsize)
+        itemsize = ITEMSIZE_OF[dtype]
+        row = itemsize * math.prod(shape[1:])
+        nbytes = row * shape[0] if shape else itemsize
+        if offset < 0 or offset + nbytes > self._size:
+            raise ValueError(f"typed_view: [{offset}, {offset + nbytes}) lies outside the mapping")
+        if not shape or row == 0 or offset % itemsize:  # (callers check alignment; never misread an unaligned slice)
+            return _as_tensor(self._array[offset:offset + nbytes], dtype, shape)
+        phase = offset % row
+        key = (dtype, shape[1:], phase)
+        base = self._bases.get(key)
+        if base is None:
+            if len(self._bases) >= self._MAX_BASES:
+                self._bases.clear()
+            rows = (self._size - phase) // row
+            base = self._bases[key] = _as_tensor(self._array[phase:phase + rows * row], dtype, (rows, *shape[1:]))
+        first = (offset - phase) // row
+        return base[first:first + shape[0]]
 
     def copy_small(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
         """A copy of a small tensor in a plain CPU buffer (one numpy copy; no staging, few torch calls)."""

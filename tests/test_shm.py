@@ -578,23 +578,34 @@ def test_closing_the_transport_unpins_what_no_call_uses():
 
 
 def test_typed_views_of_a_mapping_are_its_bytes():
-    """_Mapped.typed_view (strided views of one flat tensor per dtype) reads and writes the region itself."""
+    """_Mapped.typed_view (slices of cached bases, one per dtype, row shape and phase) reads and writes the region
+    itself, at any aligned offset and shape, including offsets that are not a multiple of the row size."""
     region = client_shm.Region(1 << 16, memfd=True)
     try:
         mapped = server_shm._Mapped(region.name, "t")
         raw = torch.frombuffer(bytearray(os.urandom(1 << 16)), dtype=torch.uint8)
         region.put(raw, 0)
         for dtype, offset, shape in ((torch.bfloat16, 128, (3, 5, 2)), (torch.float32, 4096, (7,)),
-                                     (torch.int32, 60, (2, 2)), (torch.float16, 64, (4, 1, 3))):
+                                     (torch.int32, 60, (2, 2)), (torch.float16, 64, (4, 1, 3)),
+                                     (torch.bfloat16, 130, (3, 5, 2)), (torch.bfloat16, 0, (1, 5, 2)),
+                                     (torch.float32, 8, (16, 3)), (torch.float32, 12, ()), (torch.int32, 62, (2,)),
+                                     (torch.bfloat16, (1 << 16) - 20, (1, 5, 2)), (torch.float32, 4, (0, 3))):
             view = mapped.typed_view(offset, dtype, shape)
             nbytes = dtype.itemsize * view.numel()
             assert view.shape == shape and view.dtype == dtype and view.is_contiguous()
-            assert view.data_ptr() == mapped.address + offset
+            if nbytes:
+                assert view.data_ptr() == mapped.address + offset
             assert torch.equal(view.reshape(-1).view(torch.uint8), raw[offset:offset + nbytes])
+        for i in range(server_shm._Mapped._MAX_BASES + 5):  # many row shapes: the cache stays bounded
+            view = mapped.typed_view(4 * i, torch.float32, (2, i + 1))
+            assert torch.equal(view.reshape(-1).view(torch.uint8), raw[4 * i:4 * i + 8 * (i + 1)])
+        assert len(mapped._bases) <= server_shm._Mapped._MAX_BASES
         view = mapped.typed_view(256, torch.float32, (4,))
         view.copy_(torch.arange(4.0))  # writes land in the region (the GPU's direct copy-out uses these views)
         assert torch.equal(mapped.typed_view(256, torch.float32, (4,)), torch.arange(4.0))
         with pytest.raises(ValueError):
             mapped.typed_view(mapped.size() - 8, torch.float32, (4,))
+        with pytest.raises(ValueError):
+            mapped.typed_view(mapped.size() - 16, torch.bfloat16, (2, 5, 2))
     finally:
         region.close()
