@@ -609,3 +609,39 @@ def test_typed_views_of_a_mapping_are_its_bytes():
             mapped.typed_view(mapped.size() - 16, torch.bfloat16, (2, 5, 2))
     finally:
         region.close()
+
+
+def test_client_region_views_and_puts_are_its_bytes_and_idle_tracks_them():
+    """client Region.view (slices of cached bases) and put (numpy for small CPU tensors, torch otherwise) read and
+    write the region's bytes at any aligned offset; idle() is true exactly when no view is held, however many
+    bases are cached (the client reuses an output region only then)."""
+    region = client_shm.Region(1 << 16, memfd=True)
+    try:
+        raw = torch.frombuffer(bytearray(os.urandom(1 << 16)), dtype=torch.uint8)
+        region.put(raw, 0)
+        for dtype, offset, shape in ((torch.bfloat16, 130, (3, 5, 2)), (torch.float32, 8, (16, 3)),
+                                     (torch.int32, 60, (2,)), (torch.float16, 64, ()), (torch.float32, 4, (0, 3)),
+                                     (torch.bfloat16, (1 << 16) - 20, (1, 5, 2))):
+            view = region.view(offset, dtype, shape)
+            nbytes = dtype.itemsize * view.numel()
+            assert view.shape == shape and view.dtype == dtype and view.is_contiguous()
+            assert torch.equal(view.reshape(-1).view(torch.uint8), raw[offset:offset + nbytes])
+        with pytest.raises(ValueError, match="outside region"):
+            region.view(region.size - 16, torch.bfloat16, (2, 5, 2))
+        for t, offset in ((torch.tensor([0, 5, 9], dtype=torch.int32), 4),  # small: through numpy
+                          (torch.randn(40, 3).bfloat16(), 2),  # bfloat16: numpy has none, torch copies
+                          (torch.randn(5000, 4), 8),  # large: torch copies
+                          (torch.randn(6, 4).t(), 100)):  # non-contiguous source
+            region.put(t, offset)
+            assert torch.equal(region.view(offset, t.dtype, t.shape), t)
+        del view
+        assert region.idle()
+        held = region.view(128, torch.float32, (4, 4))
+        assert not region.idle()
+        for i in range(client_shm.MAX_VIEW_BASES + 3):  # past the cache's bound: bases dropped and remade
+            region.view(4 * i, torch.float32, (1, i + 1))
+        assert not region.idle()
+        del held
+        assert region.idle()
+    finally:
+        region.close()
