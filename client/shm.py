@@ -143,7 +143,7 @@ class Region:
         while torch ops (view, as_strided) release it, and getting it back can wait for another thread's switch
         interval (5 ms): with one Python-busy thread beside it, a request's puts and output views took 59 ms
         instead of 0.1 ms that way."""
-        shape = tuple(int(s) for s in shape)
+        shape = tuple(map(int, shape))
         itemsize = dtype.itemsize
         row = itemsize * math.prod(shape[1:])
         n = row * shape[0] if shape else itemsize
