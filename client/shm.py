@@ -40,7 +40,7 @@ SHM_DIR = "/dev/shm"
 PREFIX = "flashserve_"
 ALIGN = 64
 MIN_REGION = 1 << 20
-MAX_VIEW_BASES = 64  # Region.view's cached bases per region
+MAX_VIEW_BASES = 64  # RowViews' cached bases per mapping (a varlen mix of lse shapes stays well below)
 SMALL_PUT_ELEMENTS = 1 << 14  # Region.put copies CPU tensors up to this size through numpy
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.bool)
 MEMFD_PREFIX = PREFIX + "fd_"
@@ -86,6 +86,54 @@ def same_host(server_hostname: str) -> bool:
     return not server_hostname or server_hostname == socket.gethostname()
 
 
+class RowViews:
+    """Tensor views of one mapping made by indexing cached bases, for client regions and the server's mappings.
+
+    A view of dtype and shape at a byte offset is rows [first, first + shape[0]) of a base tensor of rows shaped like
+    shape[1:] that starts at byte offset % row size; bases are kept per (dtype, row shape, that phase), at most
+    MAX_VIEW_BASES. Indexing keeps the GIL, while torch ops (view, as_strided) release it, and getting it back can
+    wait for another thread's switch interval (5 ms): beside one Python-busy thread, a client request's puts and
+    output views took 59 ms instead of 0.1 ms with view ops, and the GPU process's per-request path 324 us instead
+    of 149 (bench/engine_requests.py --gil-contention).
+
+    make_base(phase, rows, dtype, row_shape) builds a base; count_refs, when given, is read before and after each
+    base is made, and `refs` sums the difference (a client region discounts its bases' storage references)."""
+
+    def __init__(self, size: int, make_base, count_refs=None):
+        self.size = size
+        self._make = make_base
+        self._count = count_refs
+        self._bases: Dict[tuple, torch.Tensor] = {}
+        self.refs = 0
+
+    def __len__(self) -> int:
+        return len(self._bases)
+
+    def view(self, offset: int, dtype: torch.dtype, shape: tuple) -> Optional[torch.Tensor]:
+        """The view, or None where no base applies (a 0-d or empty row shape, an offset not a multiple of the
+        itemsize). The caller checks bounds first."""
+        itemsize = dtype.itemsize
+        row = itemsize * math.prod(shape[1:])
+        if not shape or row == 0 or offset % itemsize:
+            return None
+        phase = offset % row
+        key = (dtype, shape[1:], phase)
+        base = self._bases.get(key)
+        if base is None:
+            if len(self._bases) >= MAX_VIEW_BASES:
+                self.clear()
+            before = self._count() if self._count else 0
+            base = self._bases[key] = self._make(phase, (self.size - phase) // row, dtype, shape[1:])
+            if self._count:
+                self.refs += self._count() - before
+        first = (offset - phase) // row
+        return base[first:first + shape[0]]
+
+    def clear(self) -> None:
+        self._bases.clear()
+        self.refs = 0
+
+
 class Region:
     """One shared-memory region this process created: a sealed memfd (memfd=True, the default where
     supported) or a /dev/shm file (memfd=False)."""
@@ -120,8 +168,7 @@ class Region:
             self._fd = None
             self._finalizer = weakref.finalize(self, _unlink, self.path)
         self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
-        self._bases: Dict[tuple, torch.Tensor] = {}  # view's bases
-        self._base_refs = 0  # the storage references the bases hold (idle() discounts them)
+        self._views = RowViews(self.size, self._make_base, lambda: storage_use_count(self._bytes))
         self._pinned: Optional[bool] = None  # page-locked for CUDA copies (see pin)
         self._unpin = None
 
@@ -138,32 +185,17 @@ class Region:
         return self._pinned
 
     def view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        """The tensor of dtype and shape at offset, on the region's memory (no copy). Made by indexing a cached base
-        of rows shaped like shape[1:] (one per dtype, row shape and offset modulo the row): indexing keeps the GIL,
-        while torch ops (view, as_strided) release it, and getting it back can wait for another thread's switch
-        interval (5 ms): with one Python-busy thread beside it, a request's puts and output views took 59 ms
-        instead of 0.1 ms that way."""
+        """The tensor of dtype and shape at offset, on the region's memory (no copy; see RowViews)."""
         shape = tuple(map(int, shape))
-        itemsize = dtype.itemsize
-        row = itemsize * math.prod(shape[1:])
-        n = row * shape[0] if shape else itemsize
+        n = dtype.itemsize * math.prod(shape)
         if offset < 0 or offset + n > self.size:
             raise ValueError(f"slice [{offset}, {offset + n}) outside region {self.name} of {self.size} bytes")
-        if not shape or row == 0 or offset % itemsize:
-            return self._bytes[offset:offset + n].view(dtype).view(shape)
-        phase = offset % row
-        key = (dtype, shape[1:], phase)
-        base = self._bases.get(key)
-        if base is None:
-            if len(self._bases) >= MAX_VIEW_BASES:
-                self._bases.clear()
-                self._base_refs = 0
-            before = storage_use_count(self._bytes)
-            rows = (self.size - phase) // row
-            base = self._bases[key] = self._bytes[phase:phase + rows * row].view(dtype).view((rows, *shape[1:]))
-            self._base_refs += storage_use_count(self._bytes) - before
-        first = (offset - phase) // row
-        return base[first:first + shape[0]]
+        view = self._views.view(offset, dtype, shape)
+        return view if view is not None else self._bytes[offset:offset + n].view(dtype).view(shape)
+
+    def _make_base(self, phase: int, rows: int, dtype: torch.dtype, row_shape: tuple) -> torch.Tensor:
+        row = dtype.itemsize * math.prod(row_shape)
+        return self._bytes[phase:phase + rows * row].view(dtype).view((rows, *row_shape))
 
     def put(self, tensor: torch.Tensor, offset: int) -> int:
         """Copy tensor (any device, any layout) to offset; returns its byte size. Small CPU tensors go through numpy,
@@ -180,7 +212,7 @@ class Region:
     def idle(self) -> bool:
         """No tensor views this region's memory any more (one reference is our own, one the check's, one each
         view's cached base)."""
-        return self._bytes is not None and storage_use_count(self._bytes) == 2 + self._base_refs
+        return self._bytes is not None and storage_use_count(self._bytes) == 2 + self._views.refs
 
     def take(self, offset: int, dtype: torch.dtype, shape, allocate=None) -> torch.Tensor:
         """A copy of the tensor at offset (the region is reused by the next call); `allocate(nbytes)` gives
@@ -201,7 +233,7 @@ class Region:
         # Drop our references rather than unmap: results handed out are views of output regions, and each view
         # holds the mapping (torch.frombuffer keeps the mmap object), so it goes with the last of them.
         self._bytes = None
-        self._bases, self._base_refs = {}, 0
+        self._views.clear()
         self._mmap = None
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from flashserve import cuda_host
+from flashserve.shm import MAX_VIEW_BASES, RowViews
 from flashserve.proto import attention_pb2 as pb
 from flashserve.wire import ITEMSIZE, PROTO_TO_TORCH, describe
 
@@ -235,7 +236,7 @@ class _Mapped:
             os.close(fd)
         self._array = np.frombuffer(self._mmap, dtype=np.uint8) if self._mmap else np.empty(0, np.uint8)
         self.address = self._array.ctypes.data
-        self._bases: Dict[tuple, torch.Tensor] = {}  # typed_view's bases, by (dtype, row shape, offset % row bytes)
+        self._bases = RowViews(self._size, self._make_base)  # typed_view's cached bases
         # Page-locking (ShmTransport's lock guards these): None = not tried, else whether it is pinned. `users`
         # counts calls whose GPU copies may touch the mapping; it is unpinned only when evicted and unused, and
         # always before the mapping can go (the mapping lives as long as this object).
@@ -288,32 +289,22 @@ class _Mapped:
         if n:
             copy_bytes(dst.view(-1).numpy(), self._array[offset:offset + n])
 
-    _MAX_BASES = 64  # typed_view's cached bases per mapping (a varlen mix of lse shapes stays well below)
+    _MAX_BASES = MAX_VIEW_BASES
 
     def typed_view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        """A tensor of dtype and shape on the mapping itself at offset (no copy), made by indexing a cached base
-        tensor of rows shaped like shape[1:]: indexing keeps the GIL, while every torch op (as_strided, view)
-        releases it, and in the GPU process, where the event loop and the compute workers contend for the GIL,
-        getting it back cost up to a switch interval per call (bench/engine_requests.py --gil-contention: 324 us
-        per request with as_strided views, see there for the number now)."""
+        """A tensor of dtype and shape on the mapping itself at offset (no copy), by indexing (flashserve.shm.RowViews):
+        the GPU process makes several per request, and a torch view op there could wait for the GIL."""
         shape = tuple(shape)
-        itemsize = ITEMSIZE_OF[dtype]
-        row = itemsize * math.prod(shape[1:])
-        nbytes = row * shape[0] if shape else itemsize
+        nbytes = ITEMSIZE_OF[dtype] * math.prod(shape)
         if offset < 0 or offset + nbytes > self._size:
             raise ValueError(f"typed_view: [{offset}, {offset + nbytes}) lies outside the mapping")
-        if not shape or row == 0 or offset % itemsize:  # (callers check alignment; never misread an unaligned slice)
-            return _as_tensor(self._array[offset:offset + nbytes], dtype, shape)
-        phase = offset % row
-        key = (dtype, shape[1:], phase)
-        base = self._bases.get(key)
-        if base is None:
-            if len(self._bases) >= self._MAX_BASES:
-                self._bases.clear()
-            rows = (self._size - phase) // row
-            base = self._bases[key] = _as_tensor(self._array[phase:phase + rows * row], dtype, (rows, *shape[1:]))
-        first = (offset - phase) // row
-        return base[first:first + shape[0]]
+        view = self._bases.view(offset, dtype, shape)
+        # (callers check alignment; an unaligned slice is never misread: it goes through numpy)
+        return view if view is not None else _as_tensor(self._array[offset:offset + nbytes], dtype, shape)
+
+    def _make_base(self, phase: int, rows: int, dtype: torch.dtype, row_shape: tuple) -> torch.Tensor:
+        row = ITEMSIZE_OF[dtype] * math.prod(row_shape)
+        return _as_tensor(self._array[phase:phase + rows * row], dtype, (rows, *row_shape))
 
     def copy_small(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
         """A copy of a small tensor in a plain CPU buffer (one numpy copy; no staging, few torch calls)."""
