@@ -231,24 +231,18 @@ def read_stream(frames: Iterable[pb.Frame], allocate=None,
     the connection idle for the copy's duration."""
     asm = TensorAssembler(allocate)
     it = iter(frames)
-    for frame in it:
-        kind = frame.WhichOneof("kind")
-        if kind == "header":
-            asm.set_header(frame.header)
-            if read_ahead_bytes and asm.expected_bytes() >= read_ahead_bytes:
-                it = ahead(it, depth=4, name="flashserve-read")
-                break
-        elif kind == "chunk":
-            asm.add_chunk(frame.chunk)
-        else:
-            raise WireError("an empty frame arrived", "frame")
     try:
-        for frame in it:  # the rest, read ahead (nothing left when the loop above ran to the end)
+        while True:
+            frame = next(it, _END)  # (a while loop: `it` becomes the read-ahead once the header is in)
+            if frame is _END:
+                break
             kind = frame.WhichOneof("kind")
-            if kind == "chunk":
+            if kind == "header":
+                asm.set_header(frame.header)  # (raises on a second header)
+                if read_ahead_bytes and asm.expected_bytes() >= read_ahead_bytes:
+                    it = ahead(it, depth=4, name="flashserve-read")
+            elif kind == "chunk":
                 asm.add_chunk(frame.chunk)
-            elif kind == "header":
-                raise WireError("a second header arrived in one stream", "header")
             else:
                 raise WireError("an empty frame arrived", "frame")
     finally:
