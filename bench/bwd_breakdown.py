@@ -1,0 +1,97 @@
+"""Where a backward launch's GPU time goes: per-kernel device time (torch.profiler, CUPTI) of our backward
+(default and deterministic) and of torch SDPA FLASH's backward on the same rows, so the share of the small
+preprocess / postprocess kernels beside the main kernel is visible for both.
+
+  python bench/bwd_breakdown.py [--rows 64:1024:1,128:1024:1,...] [--dtype bfloat16] [--calls 20] [--md out.md]
+
+Rows are head_dim:seqlen:causal with 16k tokens per launch and heads = 2048 / head dim (bench/kernels.py's grid).
+Times are microseconds per call, summed over the kernels of one name, averaged over --calls calls after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import sys
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_ROWS = "64:1024:1,64:2048:1,64:1024:0,128:1024:1,128:2048:1,128:8192:0,256:1024:0,256:8192:1"
+
+
+def kernel_times(fn, calls):
+    """{kernel name: device microseconds per call} over `calls` calls of fn."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per = collections.Counter()
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name] += ev.device_time / calls if hasattr(ev, "device_time") else ev.cuda_time / calls
+    return dict(per)
+
+
+def short(name, width=60):
+    name = name.split("(")[0]
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args()
+    from flashserve import _C
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = getattr(torch, args.dtype)
+    lines = [f"# Backward per-kernel device time ({datetime.date.today()}, {torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, {args.dtype}, {args.calls} calls each)", ""]
+    for spec in args.rows.split(","):
+        d, s, causal = (int(x) for x in spec.split(":"))
+        causal = bool(causal)
+        b, h = 16384 // s, 2048 // d
+        torch.manual_seed(0)
+        q, k, v, do = (torch.randn(b * s, h, d, device="cuda", dtype=dtype) for _ in range(4))
+        cu = torch.arange(0, (b + 1) * s, s, device="cuda", dtype=torch.int32)
+        out, lse, _ = _C.fwd(q, k, v, cu, cu, s, s, d ** -0.5, causal, -1, -1, 0.0, None, 0.0, 0, 0, False, 0)
+
+        def ours(det):
+            return lambda: _C.bwd(do, q, k, v, out, lse, cu, cu, s, s, d ** -0.5, causal, -1, -1, 0.0, None, 0.0,
+                                  0, 0, det)
+
+        qs, ks, vs = (x.view(b, s, h, d).transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+        dob = do.view(b, s, h, d).transpose(1, 2)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+        fa2 = lambda: torch.autograd.grad(o, (qs, ks, vs), dob, retain_graph=True)  # noqa: E731
+        first = len(lines)
+        lines += [f"## d{d} {s // 1024}k {'causal' if causal else 'dense'} (B={b}, H={h})", "",
+                  "| call | kernel | us/call |", "| --- | --- | ---: |"]
+        for label, fn in (("ours", ours(False)), ("ours det", ours(True)), ("FA2", fa2)):
+            times = kernel_times(fn, args.calls)
+            total = sum(times.values())
+            for name, us in sorted(times.items(), key=lambda kv: -kv[1]):
+                lines.append(f"| {label} | {short(name)} | {us:.1f} |")
+            lines.append(f"| {label} | **total** | **{total:.1f}** |")
+        lines.append("")
+        print("\n".join(lines[first:]), flush=True)
+        del q, k, v, do, out, lse, qs, ks, vs, o
+        torch.cuda.empty_cache()
+    text = "\n".join(lines) + "\n"
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
