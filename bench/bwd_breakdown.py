@@ -84,7 +84,6 @@ def main() -> int:
             lines.append(f"| {label} | **total** | **{total:.1f}** |")
         lines.append("")
         print("\n".join(lines[first:]), flush=True)
-        del q, k, v, do, out, lse, qs, ks, vs, o
         torch.cuda.empty_cache()
     text = "\n".join(lines) + "\n"
     if args.md:
