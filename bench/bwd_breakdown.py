@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-DEFAULT_ROWS = "64:1024:1,64:2048:1,64:1024:0,128:1024:1,128:2048:1,128:8192:0,256:1024:0,256:8192:1"
+DEFAULT_ROWS = ("64:1024:1,64:2048:1,64:1024:0,64:8192:0,128:1024:1,128:2048:1,128:8192:0,128:8192:1,"
+                "256:1024:0,256:1024:1,256:2048:1,256:8192:1,256:16384:0")
 
 
 def kernel_times(fn, calls):
@@ -37,8 +39,10 @@ def kernel_times(fn, calls):
     return dict(per)
 
 
-def short(name, width=60):
-    name = name.split("(")[0]
+def short(name, width=70):
+    """Kernel name without its argument list, namespaces shortened."""
+    name = name.split("(const ")[0].split("(flashserve")[0].replace("(anonymous namespace)::", "")
+    name = name.replace("flashserve::bwd::", "").replace("pytorch_flash::", "").replace("void ", "")
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
@@ -48,6 +52,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--md", default=None)
+    ap.add_argument("--det-modes", default="auto,own,counters",
+                    help="deterministic schemes to time (FLASHSERVE_BWD_DET_MODE; auto = plan()'s rule)")
     args = ap.parse_args()
     from flashserve import _C
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -76,7 +82,13 @@ def main() -> int:
         first = len(lines)
         lines += [f"## d{d} {s // 1024}k {'causal' if causal else 'dense'} (B={b}, H={h})", "",
                   "| call | kernel | us/call |", "| --- | --- | ---: |"]
-        for label, fn in (("ours", ours(False)), ("ours det", ours(True)), ("FA2", fa2)):
+        calls = [("ours", None, ours(False))]
+        calls += [(f"ours det {m}", m, ours(True)) for m in args.det_modes.split(",") if m]
+        calls.append(("FA2", None, fa2))
+        for label, mode, fn in calls:
+            os.environ.pop("FLASHSERVE_BWD_DET_MODE", None)
+            if mode and mode != "auto":
+                os.environ["FLASHSERVE_BWD_DET_MODE"] = mode
             times = kernel_times(fn, args.calls)
             total = sum(times.values())
             for name, us in sorted(times.items(), key=lambda kv: -kv[1]):

@@ -46,71 +46,95 @@ __device__ __forceinline__ uint4 from_float8(const float (&f)[8], bool bf16) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// One warp per (query row, head): D = sum_d dO * O (fp32), and zero that row's dq_accum in every split.
-__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const BwdParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t rh = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
-  if (rh >= (int64_t)p.total_q * p.h) return;
-  const int row = (int)(rh / p.h), head = (int)(rh % p.h);
+// The small kernels below work on "items" of d contiguous columns (a (row, head) pair) with L lanes per item
+// and 8 columns (16 bytes of 16-bit data) per lane, L = the smallest power of two >= d / 8 (at least 4), so
+// a warp covers 32 / L items and every lane loads: one warp per item left 3/4 of the lanes idle at d64 and ran
+// these kernels at half the bandwidth of FlashAttention-2's (bench/bwd_breakdown.py, NOTES.md session 9).
+constexpr int kSmallThreads = 256;
+
+template <int L>
+struct ItemLane {
+  int64_t item;  // (row, head) pair of this lane
+  int c;         // first of this lane's 8 columns
+  bool valid;    // item < n and c < d
+  __device__ ItemLane(int64_t n, int d) {
+    const int lane = threadIdx.x & 31;
+    item = ((int64_t)blockIdx.x * (kSmallThreads / 32) + (threadIdx.x >> 5)) * (32 / L) + lane / L;
+    c = (lane % L) * 8;
+    valid = item < n && c < d;
+  }
+};
+
+inline unsigned small_blocks(int64_t items, int lanes) {
+  const int64_t per_block = (kSmallThreads / 32) * (32 / lanes);
+  return (unsigned)((items + per_block - 1) / per_block);
+}
+
+inline int lanes_for(int d) {
+  int l = 4;
+  while (l * 8 < d) l *= 2;
+  return l;
+}
+
+// Per (query row, head): D = sum_d dO * O (fp32), and that row's dq_accum zeroed in every split.
+template <int L>
+__global__ void __launch_bounds__(kSmallThreads) bwd_preprocess_kernel(const BwdParams p) {
+  const ItemLane<L> it((int64_t)p.total_q * p.h, p.d);
   float acc = 0.f;
-  const int c = lane * 8;
-  if (c < p.d) {
+  const int row = (int)(it.item / p.h), head = (int)(it.item % p.h);
+  if (it.valid) {
     const uint4 o = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(p.o) +
-                                                    row * p.o_row_stride + head * p.o_head_stride + c);
+                                                    row * p.o_row_stride + head * p.o_head_stride + it.c);
     const uint4 g = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(p.dout) +
-                                                    row * p.do_row_stride + head * p.do_head_stride + c);
+                                                    row * p.do_row_stride + head * p.do_head_stride + it.c);
     float fo[8], fg[8];
     to_float8(o, p.is_bf16, fo);
     to_float8(g, p.is_bf16, fg);
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc += fo[i] * fg[i];
+    const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < p.num_splits; ++s) {
+      float4* dst = reinterpret_cast<float4*>(p.dq_accum + ((int64_t)s * p.total_q * p.h + it.item) * p.d + it.c);
+      dst[0] = z;
+      dst[1] = z;
+    }
   }
+  // Sum over the item's L lanes (an aligned group: xor offsets below L stay inside it); every lane takes part.
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) p.dsum[(int64_t)head * p.total_q + row] = acc;
-  const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s = 0; s < p.num_splits; ++s) {
-    float* dst = p.dq_accum + (((int64_t)s * p.total_q + row) * p.h + head) * p.d;
-    for (int cc = lane * 4; cc < p.d; cc += 128) *reinterpret_cast<float4*>(dst + cc) = z;
-  }
+  for (int off = L / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (it.valid && it.c == 0) p.dsum[(int64_t)head * p.total_q + row] = acc;
 }
 
-// One warp per (query row, head): dq = scale * sum over splits of dq_accum, in the input dtype.
-__global__ void __launch_bounds__(256) bwd_postprocess_dq_kernel(const BwdParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t rh = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
-  if (rh >= (int64_t)p.total_q * p.h) return;
-  const int c = lane * 8;
-  if (c >= p.d) return;
+// Per (query row, head): dq = scale * sum over splits of dq_accum (in split order), in the input dtype.
+template <int L>
+__global__ void __launch_bounds__(kSmallThreads) bwd_postprocess_dq_kernel(const BwdParams p) {
+  const ItemLane<L> it((int64_t)p.total_q * p.h, p.d);
+  if (!it.valid) return;
   float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   const int64_t split_stride = (int64_t)p.total_q * p.h * p.d;
   for (int s = 0; s < p.num_splits; ++s) {
-    const float* src = p.dq_accum + s * split_stride + rh * p.d + c;
+    const float* src = p.dq_accum + s * split_stride + it.item * p.d + it.c;
     const float4 a = *reinterpret_cast<const float4*>(src), b = *reinterpret_cast<const float4*>(src + 4);
     f[0] += a.x; f[1] += a.y; f[2] += a.z; f[3] += a.w;
     f[4] += b.x; f[5] += b.y; f[6] += b.z; f[7] += b.w;
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) f[i] *= p.scale;
-  *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.dq) + rh * p.d + c) = from_float8(f, p.is_bf16);
+  *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.dq) + it.item * p.d + it.c) = from_float8(f, p.is_bf16);
 }
 
-// One warp per (key row, K/V head). GQA: dk/dv = sum over the group's query heads of the fp32 partials
-// (fixed order). Rows past cu_seqlens_k[b] belong to no sequence: written as 0 (with or without GQA).
-__global__ void __launch_bounds__(256) bwd_postprocess_dkv_kernel(const BwdParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t rh = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
-  if (rh >= (int64_t)p.total_k * p.h_k) return;
-  const int row = (int)(rh / p.h_k), hk = (int)(rh % p.h_k);
+// GQA, per (key row, K/V head): dk/dv = sum over the group's query heads of the fp32 partials (fixed order).
+// Rows past cu_seqlens_k[b] belong to no sequence: written as 0.
+template <int L>
+__global__ void __launch_bounds__(kSmallThreads) bwd_postprocess_dkv_kernel(const BwdParams p) {
+  const ItemLane<L> it((int64_t)p.total_k * p.h_k, p.d);
+  if (!it.valid) return;
+  const int row = (int)(it.item / p.h_k), hk = (int)(it.item % p.h_k);
   const int group = p.h / p.h_k;
-  const bool tail = row >= p.cu_seqlens_k[p.b];
-  if (group == 1 && !tail) return;  // written by the main kernel
-  const int c = lane * 8;
-  if (c >= p.d) return;
   float fk[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, fv[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  if (!tail) {
+  if (row < p.cu_seqlens_k[p.b]) {
     for (int gi = 0; gi < group; ++gi) {
-      const int64_t off = ((int64_t)row * p.h + hk * group + gi) * p.d + c;
+      const int64_t off = ((int64_t)row * p.h + hk * group + gi) * p.d + it.c;
       const float4 a = *reinterpret_cast<const float4*>(p.dk_accum + off);
       const float4 b = *reinterpret_cast<const float4*>(p.dk_accum + off + 4);
       const float4 x = *reinterpret_cast<const float4*>(p.dv_accum + off);
@@ -121,9 +145,34 @@ __global__ void __launch_bounds__(256) bwd_postprocess_dkv_kernel(const BwdParam
       fv[4] += y.x; fv[5] += y.y; fv[6] += y.z; fv[7] += y.w;
     }
   }
-  *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.dk) + rh * p.d + c) = from_float8(fk, p.is_bf16);
-  *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.dv) + rh * p.d + c) = from_float8(fv, p.is_bf16);
+  *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.dk) + it.item * p.d + it.c) = from_float8(fk, p.is_bf16);
+  *reinterpret_cast<uint4*>(reinterpret_cast<uint16_t*>(p.dv) + it.item * p.d + it.c) = from_float8(fv, p.is_bf16);
 }
+
+// Without GQA the main kernel writes dk/dv of every key in a sequence; this zeroes the rows past
+// cu_seqlens_k[b] (read here, on the device). A small grid strides over them: with no such rows (the usual
+// case) it costs one launch, where a thread per row cost 37-73 us at 16k keys (NOTES.md session 9).
+__global__ void __launch_bounds__(kSmallThreads) bwd_zero_dkv_tail_kernel(const BwdParams p) {
+  const int64_t row_vecs = (int64_t)p.h_k * p.d / 8;  // 16-byte vectors per key row (d is a multiple of 8)
+  const int64_t begin = (int64_t)p.cu_seqlens_k[p.b] * row_vecs, end = (int64_t)p.total_k * row_vecs;
+  const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+  for (int64_t i = begin + (int64_t)blockIdx.x * kSmallThreads + threadIdx.x; i < end;
+       i += (int64_t)gridDim.x * kSmallThreads) {
+    reinterpret_cast<uint4*>(p.dk)[i] = z;
+    reinterpret_cast<uint4*>(p.dv)[i] = z;
+  }
+}
+
+// Launches kernel<L> for the lane count of head dim d (4, 8, 16 or 32 lanes per item).
+#define FS_LAUNCH_SMALL(KERNEL, ITEMS, P, STREAM)                                                          \
+  do {                                                                                                    \
+    const int lanes_ = lanes_for((P).d);                                                                  \
+    const unsigned grid_ = small_blocks((ITEMS), lanes_);                                                 \
+    if (lanes_ == 4) KERNEL<4><<<grid_, kSmallThreads, 0, (STREAM)>>>(P);                                 \
+    else if (lanes_ == 8) KERNEL<8><<<grid_, kSmallThreads, 0, (STREAM)>>>(P);                            \
+    else if (lanes_ == 16) KERNEL<16><<<grid_, kSmallThreads, 0, (STREAM)>>>(P);                          \
+    else KERNEL<32><<<grid_, kSmallThreads, 0, (STREAM)>>>(P);                                            \
+  } while (0)
 
 int class_for(int d) {
   const int classes[] = {32, 64, 96, 128, 192, 256};
@@ -235,19 +284,49 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   const int bc = block_keys_for(cls);
   const int nkb = (p.max_seqlen_k + bc - 1) / bc;
   p.num_splits = 1;
-  // Hopper kernels: deterministic mode orders the dQ additions with counters (run() sets dq_sem), and K/V block
-  // kb adds into dq_accum slice kb % num_splits: each ordered chain is num_splits times shorter. Measured
-  // (NOTES.md, H5): 2 slices help without a diagonal bound up to 64 K/V blocks (+5-9% at d64/d256), 4 slices
-  // and any slicing under causal masks cost more (up to -40%) than the shorter chains gain.
+  // Hopper kernels, deterministic mode, two schemes (FLASHSERVE_BWD_DET_MODE=own|counters forces one, A/B):
+  // - by ownership (det_own): num_splits blocks per (head, sequence), block x adds alone into dQ slice x, for
+  //   K/V blocks x, 2S - 1 - x, ... one after the other; no waiting, but S dQ slices to zero and sum, and each
+  //   block revisits its slice's rows once per K/V block. Taken when S blocks per pair fill the GPU's waves well.
+  // - with counters: one block per K/V block as in default mode, additions into a query block ordered by a
+  //   counter, K/V block kb into slice kb % num_splits (chains num_splits times shorter). Measured (NOTES.md,
+  //   H5): 2 slices help without a diagonal bound up to 64 K/V blocks (+5-9% at d64/d256), 4 slices and any
+  //   slicing under causal masks cost more (up to -40%) than the shorter chains gain.
   p.dq_sem_stride = (p.max_seqlen_q + 63) / 64;
+  p.det_own = false;
   if (p.deterministic && p.hopper) {
     const int hbc = cls == 256 ? 64 : 128;  // keys per Hopper block
-    const int hnkb = (p.max_seqlen_k + hbc - 1) / hbc;
-    int sp = (p.window_right < 0 && hnkb <= 64) ? 2 : 1;
-    if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) sp = std::max(1, std::atoi(env));  // A/B
+    const int hnkb = std::max(1, (p.max_seqlen_k + hbc - 1) / hbc);
     const size_t slice_bytes = (size_t)p.total_q * p.h * p.d * sizeof(float);
-    while (sp > 1 && (size_t)sp * slice_bytes > ((size_t)1 << 30)) --sp;
-    p.num_splits = std::max(1, std::min(sp, hnkb));
+    // Ownership: S minimising (waves of S * b * h blocks, one per SM) x (K/V blocks per block), slices within
+    // 1 GiB; its efficiency = useful block-steps / (SMs x that critical path).
+    const int64_t bh = std::max<int64_t>(1, (int64_t)p.b * p.h), sms = p.num_sms > 0 ? p.num_sms : 132;
+    int own_splits = 1;
+    int64_t best_cost = -1;
+    for (int sp = 1; sp <= hnkb && sp <= 256; ++sp) {
+      if (sp > 1 && (size_t)sp * slice_bytes > ((size_t)1 << 30)) break;
+      const int64_t waves = (sp * bh + sms - 1) / sms, per = (hnkb + sp - 1) / sp;
+      if (best_cost < 0 || waves * per < best_cost) {
+        best_cost = waves * per;
+        own_splits = sp;
+      }
+    }
+    const double own_eff = (double)(bh * hnkb) / (double)(sms * best_cost);
+    p.det_own = own_eff >= 0.85;
+    if (const char* env = std::getenv("FLASHSERVE_BWD_DET_MODE")) {
+      if (std::strcmp(env, "own") == 0) p.det_own = true;
+      if (std::strcmp(env, "counters") == 0) p.det_own = false;
+    }
+    if (p.det_own) {
+      p.num_splits = own_splits;
+      if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) p.num_splits = std::max(1, std::atoi(env));
+      p.num_splits = std::min(p.num_splits, hnkb);
+    } else {
+      int sp = (p.window_right < 0 && hnkb <= 64) ? 2 : 1;
+      if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) sp = std::max(1, std::atoi(env));  // A/B
+      while (sp > 1 && (size_t)sp * slice_bytes > ((size_t)1 << 30)) --sp;
+      p.num_splits = std::max(1, std::min(sp, hnkb));
+    }
   }
   if (p.deterministic && nkb > 1 && !p.hopper) {
     // Block x of a head handles K/V blocks x, x + S, ... (S = num_splits) and owns dq_accum slice x. Choose S to
@@ -268,7 +347,8 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   if (ws) {
     ws->dsum_floats = (size_t)p.h * p.total_q;
     ws->dq_accum_floats = (size_t)p.num_splits * p.total_q * p.h * p.d;
-    if (p.hopper && p.deterministic) ws->dq_accum_floats += (size_t)p.num_splits * p.b * p.h * p.dq_sem_stride;
+    if (p.hopper && p.deterministic && !p.det_own)
+      ws->dq_accum_floats += (size_t)p.num_splits * p.b * p.h * p.dq_sem_stride;
     ws->dkv_accum_floats = p.h != p.h_k ? (size_t)p.total_k * p.h * p.d : 0;
   }
   return "";
@@ -277,8 +357,7 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
 std::string run(BwdParams& p, cudaStream_t stream) {
   cudaError_t e;
   if (p.total_q > 0 && p.h > 0) {
-    const int64_t n = (int64_t)p.total_q * p.h;
-    bwd_preprocess_kernel<<<(unsigned)((n + 7) / 8), 256, 0, stream>>>(p);
+    FS_LAUNCH_SMALL(bwd_preprocess_kernel, (int64_t)p.total_q * p.h, p, stream);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_msg("preprocess launch", e);
   }
   if (p.b > 0 && p.total_k > 0) {
@@ -290,7 +369,7 @@ std::string run(BwdParams& p, cudaStream_t stream) {
     bool used = false;
     if (p.hopper) {
       p.dq_sem = nullptr;
-      if (p.deterministic) {
+      if (p.deterministic && !p.det_own) {
         p.dq_sem = reinterpret_cast<int*>(p.dq_accum + (size_t)p.num_splits * p.total_q * p.h * p.d);
         e = cudaMemsetAsync(p.dq_sem, 0, (size_t)p.num_splits * p.b * p.h * p.dq_sem_stride * sizeof(int), stream);
         if (e != cudaSuccess) return cuda_msg("dQ counter reset", e);
@@ -346,13 +425,17 @@ std::string run(BwdParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return cuda_msg("main kernel launch", e);
   }
   if (p.total_q > 0 && p.h > 0) {
-    const int64_t n = (int64_t)p.total_q * p.h;
-    bwd_postprocess_dq_kernel<<<(unsigned)((n + 7) / 8), 256, 0, stream>>>(p);
+    FS_LAUNCH_SMALL(bwd_postprocess_dq_kernel, (int64_t)p.total_q * p.h, p, stream);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_msg("postprocess dq launch", e);
   }
   if (p.total_k > 0 && p.h_k > 0) {
-    const int64_t n = (int64_t)p.total_k * p.h_k;
-    bwd_postprocess_dkv_kernel<<<(unsigned)((n + 7) / 8), 256, 0, stream>>>(p);
+    if (p.h != p.h_k) {
+      FS_LAUNCH_SMALL(bwd_postprocess_dkv_kernel, (int64_t)p.total_k * p.h_k, p, stream);
+    } else {
+      const int64_t vecs = (int64_t)p.total_k * p.h_k * p.d / 8;
+      const int64_t blocks = std::min<int64_t>((vecs + kSmallThreads - 1) / kSmallThreads, 264);
+      bwd_zero_dkv_tail_kernel<<<(unsigned)std::max<int64_t>(1, blocks), kSmallThreads, 0, stream>>>(p);
+    }
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_msg("postprocess dk/dv launch", e);
   }
   return "";

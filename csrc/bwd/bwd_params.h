@@ -63,6 +63,9 @@ struct BwdParams {
   int head_dim_class;
   int num_splits;
   bool hopper;  // the sm_90a (wgmma) kernel runs this call
+  // Deterministic mode of the Hopper kernels: true = by ownership (num_splits blocks per (head, sequence), block
+  // x alone adds into dQ slice x, no counters), false = ordered additions with the counters below.
+  bool det_own;
   // Filled by run(): deterministic mode of the Hopper kernels, one counter per (dQ slice, sequence, head, 64 query
   // rows), (num_splits, b, h, dq_sem_stride) ints at the end of the dq_accum workspace (plan() counts them in).
   int* dq_sem;

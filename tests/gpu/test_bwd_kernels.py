@@ -306,9 +306,21 @@ def test_long(dtype):
     check_case(dtype, 128, [2048], [1536], causal=False, hq=2)
 
 
+# Deterministic mode has two schemes on the Hopper kernels (csrc/bwd/bwd_api.cu, plan()): dQ slices owned by one
+# block each ("own"), or ordered additions with counters ("counters"); plan() picks one by shape ("auto"), and
+# FLASHSERVE_BWD_DET_SPLITS forces the slice count (3 here: "own" blocks then handle several K/V blocks each,
+# in the zigzag order, with a partial last round).
+DET_MODES = [("auto", None), ("own", None), ("own", "3"), ("counters", None), ("counters", "2")]
+
+
+@pytest.mark.parametrize("mode,splits", DET_MODES, ids=[f"{m}-{s or 'rule'}" for m, s in DET_MODES])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_deterministic(d):
+def test_deterministic(d, mode, splits, monkeypatch):
     _skip_uncompiled(torch.bfloat16, d)
+    if mode != "auto":
+        monkeypatch.setenv("FLASHSERVE_BWD_DET_MODE", mode)
+    if splits:
+        monkeypatch.setenv("FLASHSERVE_BWD_DET_SPLITS", splits)
     report, args = check_case(torch.bfloat16, d, [1000, 17, 0, 513], [900, 40, 3, 513], hq=4, hk=2, causal=True,
                               deterministic=True)
     q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, feats = args
@@ -316,6 +328,8 @@ def test_deterministic(d):
     b = run_ours(q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, deterministic=True, **feats)
     for x, y in zip(a, b):
         assert torch.equal(x, y), "deterministic mode differs between two runs"
+    if mode == "own":  # also without a causal mask and without GQA (dk/dv written by the main kernel)
+        check_case(torch.bfloat16, d, [700, 300], [1100, 257], hq=2, causal=False, deterministic=True)
 
 
 def test_rows_past_last_sequence_written():
@@ -342,12 +356,16 @@ def test_bad_input_message():
 
 
 SANITIZER_CASE = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     sys.path.insert(0, {tests!r})
     import test_bwd_kernels as t
     for d in {dims!r}:
         t.check_case(torch.bfloat16, d, [70, 1, 0], [150, 9, 4], hq=4, hk=2, causal=True, p_drop=0.1, floor=1.0)
         t.check_case(torch.bfloat16, d, [70, 33], hq=2, deterministic=True, floor=1.0)
+        # deterministic by ownership, blocks running several K/V blocks one after the other
+        os.environ["FLASHSERVE_BWD_DET_MODE"], os.environ["FLASHSERVE_BWD_DET_SPLITS"] = "own", "2"
+        t.check_case(torch.bfloat16, d, [200, 33], [300, 33], hq=2, deterministic=True, floor=1.0)
+        del os.environ["FLASHSERVE_BWD_DET_MODE"], os.environ["FLASHSERVE_BWD_DET_SPLITS"]
     print("SANITIZER_CASE_DONE")
 """)
 

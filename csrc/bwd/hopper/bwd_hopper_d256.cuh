@@ -88,18 +88,31 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
   const int qc0 = wg * 32;          // this warpgroup's queries in S^T / dP^T
   const int c0 = wg * 128;          // this warpgroup's head-dim columns of dK / dV / dQ
 
-  // Deterministic: see bwd_hopper_kernel.cuh (same counters and order; dQ slice kb % num_splits).
+  // Deterministic: see bwd_hopper_kernel.cuh (same counters and order; dQ slice kb % num_splits), and the same
+  // deterministic-by-ownership mode (p.det_own: default-mode code, block x of num_splits alone adds into dQ
+  // slice x, for K/V blocks x, 2S - 1 - x, 2S + x, ... in that order). Its bulk reductions stay ordered: each
+  // staged row has one issuing lane, which waits for all of them to complete (bulk_wait<0>) at the end of a
+  // K/V block, before the next block's reductions into the same rows.
   const bool rev = kDet && wr >= 0;
-  const int kb = rev ? nkb - 1 - (int)blockIdx.x : (int)blockIdx.x;
   const int ns = kDet ? p.num_splits : 1;
-  const int slice = kDet && kb > 0 ? kb % ns : 0;
-  int* sem = kDet ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
-  float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
-                  (int64_t)h * p.d;
   const int64_t dq_row = (int64_t)p.h * p.d;
   const uint32_t sX = base + Tr::kOffX + wg * Tr::kStageX;  // this warpgroup's extra staging region
-
-  if (kb >= 0 && kb < nkb) {
+  const bool own = !kDet && p.det_own;
+  const int bx = (int)blockIdx.x, nsplit = own ? (int)gridDim.x : 1;
+  for (int it = 0;; ++it) {
+    int kb;
+    if (own) {
+      kb = it * nsplit + ((it & 1) ? nsplit - 1 - bx : bx);
+      if (kb >= nkb) break;
+      __syncthreads();  // the previous K/V block's shared-memory reads (wgmma, bulk reductions) are done
+    } else {
+      kb = rev ? nkb - 1 - bx : bx;
+      if (it > 0 || kb < 0 || kb >= nkb) break;
+    }
+    const int slice = own ? bx : (kDet && kb > 0 ? kb % ns : 0);
+    int* sem = kDet ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
+    float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
+                    (int64_t)h * p.d;
     const int j0 = kb * Bc;
     int m_begin, m_end;
     m_range(kb, m_begin, m_end);
@@ -339,10 +352,9 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
 template <typename T>
 cudaError_t run_hopper_d256_impl(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
   const bool extras = p.softcap > 0.f || p.alibi != nullptr;
-  auto kernel = extras ? (p.deterministic ? bwd_hopper_d256_kernel<T, true, true>
-                                          : bwd_hopper_d256_kernel<T, true, false>)
-                       : (p.deterministic ? bwd_hopper_d256_kernel<T, false, true>
-                                          : bwd_hopper_d256_kernel<T, false, false>);
+  const bool counters = p.deterministic && !p.det_own;  // det_own runs the default-mode code
+  auto kernel = extras ? (counters ? bwd_hopper_d256_kernel<T, true, true> : bwd_hopper_d256_kernel<T, true, false>)
+                       : (counters ? bwd_hopper_d256_kernel<T, false, true> : bwd_hopper_d256_kernel<T, false, false>);
   return launch_hopper_bwd<HTraits256>(kernel, p, stream, used, probe);
 }
 

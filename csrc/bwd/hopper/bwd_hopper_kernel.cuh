@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p, c
   const float cap_log2 = p.softcap * kLog2e;
   const float alibi_log2 = (kExtras && p.alibi) ? p.alibi[(int64_t)b * p.alibi_batch_stride + h] * kLog2e : 0.f;
 
-  // One K/V block per CTA in both modes. Deterministic mode orders the dQ additions with one counter per
-  // (sequence, head, query block) instead of the mma.sync kernel's per-block slices (see NOTES.md).
+  // One K/V block per CTA, except in deterministic-by-ownership mode (below). Deterministic mode with counters
+  // (kDet) orders the dQ additions with one counter per (slice, sequence, head, query block).
   constexpr bool det = kDet;
   const int64_t dq_row = (int64_t)p.h * p.d;
 
@@ -114,15 +114,29 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p, c
   // additions in decreasing kb: the block nearest the diagonal reaches a query block first. Either way a block
   // waits only for blocks of lower blockIdx.x (started before it: no deadlock).
   const bool rev = det && wr >= 0;
-  const int kb = rev ? nkb - 1 - bx : bx;
   // Deterministic: K/V block kb adds into dQ slice kb % num_splits (summed in order by the postprocess), so
   // the chain of blocks that wait for each other at a query block is num_splits times shorter.
   const int ns = det ? p.num_splits : 1;
-  const int slice = det && kb > 0 ? kb % ns : 0;
-  int* sem = det ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
-  float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
-                  (int64_t)h * p.d;
-  if (kb >= 0 && kb < nkb) {
+  // Deterministic by ownership (p.det_own, the default-mode code with no counters): the grid has num_splits
+  // blocks per (head, sequence); block x alone adds into dQ slice x, for K/V blocks x, 2S - 1 - x, 2S + x, ...
+  // (S = num_splits; the zigzag evens out causal lengths), one after the other in that fixed order, so every
+  // dQ element sees the same additions in the same order on every run.
+  const bool own = !kDet && p.det_own;
+  const int nsplit = own ? (int)gridDim.x : 1;
+  for (int it = 0;; ++it) {
+    int kb;
+    if (own) {
+      kb = it * nsplit + ((it & 1) ? nsplit - 1 - bx : bx);
+      if (kb >= nkb) break;
+      __syncthreads();  // the previous K/V block's reads of K, V and dS^T (wgmma included) are done
+    } else {
+      kb = rev ? nkb - 1 - bx : bx;
+      if (it > 0 || kb < 0 || kb >= nkb) break;
+    }
+    const int slice = own ? bx : (det && kb > 0 ? kb % ns : 0);
+    int* sem = det ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
+    float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
+                    (int64_t)h * p.d;
     const int j0 = kb * Bc;
     int m_begin, m_end;
     m_range(kb, m_begin, m_end);
@@ -335,16 +349,15 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p, c
 template <typename T, int kD>
 cudaError_t run_hopper_impl(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
   const bool extras = p.softcap > 0.f || p.alibi != nullptr;
-  auto kernel = extras ? (p.deterministic ? bwd_hopper_kernel<T, kD, true, true>
-                                          : bwd_hopper_kernel<T, kD, true, false>)
-                       : (p.deterministic ? bwd_hopper_kernel<T, kD, false, true>
-                                          : bwd_hopper_kernel<T, kD, false, false>);
+  const bool counters = p.deterministic && !p.det_own;  // det_own runs the default-mode code
+  auto kernel = extras ? (counters ? bwd_hopper_kernel<T, kD, true, true> : bwd_hopper_kernel<T, kD, true, false>)
+                       : (counters ? bwd_hopper_kernel<T, kD, false, true> : bwd_hopper_kernel<T, kD, false, false>);
   // Block order (default mode): at d128 with a diagonal bound (the K/V blocks differ in length there) and at most
   // 16 K/V blocks, chunks of about two waves of blocks; else the plain order (measured on the H200, NOTES.md,
   // session 6: +2.6-3.8% at d128 1k / 2k causal; d64 and longer rows gained nothing consistent or lost).
   // FLASHSERVE_BWD_SCHED_CHUNK=C forces C (A/B).
   int chunk = 1;
-  if (!p.deterministic) {
+  if (!p.deterministic) {  // (p.det_own keeps chunk = 1: its grid is num_splits blocks per (head, sequence))
     const int nkb = std::max(1, (p.max_seqlen_k + HTraits<kD>::Bc - 1) / HTraits<kD>::Bc);
     const int sms = p.num_sms > 0 ? p.num_sms : 132;
     if (kD == 128 && p.window_right >= 0 && nkb <= 16) chunk = (2 * sms + nkb - 1) / nkb;
