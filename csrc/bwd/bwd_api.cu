@@ -294,25 +294,36 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   //   slicing under causal masks cost more (up to -40%) than the shorter chains gain.
   p.dq_sem_stride = (p.max_seqlen_q + 63) / 64;
   p.det_own = false;
-  if (p.deterministic && p.hopper) {
-    const int hbc = cls == 256 ? 64 : 128;  // keys per Hopper block
-    const int hnkb = std::max(1, (p.max_seqlen_k + hbc - 1) / hbc);
-    const size_t slice_bytes = (size_t)p.total_q * p.h * p.d * sizeof(float);
-    // Ownership: S minimising (waves of S * b * h blocks, one per SM) x (K/V blocks per block), slices within
-    // 1 GiB; its efficiency = useful block-steps / (SMs x that critical path).
-    const int64_t bh = std::max<int64_t>(1, (int64_t)p.b * p.h), sms = p.num_sms > 0 ? p.num_sms : 132;
-    int own_splits = 1;
-    int64_t best_cost = -1;
-    for (int sp = 1; sp <= hnkb && sp <= 256; ++sp) {
-      if (sp > 1 && (size_t)sp * slice_bytes > ((size_t)1 << 30)) break;
-      const int64_t waves = (sp * bh + sms - 1) / sms, per = (hnkb + sp - 1) / sp;
-      if (best_cost < 0 || waves * per < best_cost) {
-        best_cost = waves * per;
-        own_splits = sp;
-      }
+  p.loop_blocks = 0;
+  // K/V-block loop: S blocks per (head, sequence) minimising (waves of S * b * h blocks, one per SM) x (K/V
+  // blocks per block), i.e. the critical path in K/V-block steps; efficiency = useful block-steps / (SMs x that).
+  // Deterministic by ownership also needs S dQ slices: kept within 2 GiB (as the mma.sync kernel's;
+  // FlashAttention-2's deterministic dQ takes about as much).
+  const int hbc = cls == 256 ? 64 : 128;  // keys per Hopper block
+  const int hnkb = std::max(1, (p.max_seqlen_k + hbc - 1) / hbc);
+  const size_t slice_bytes = (size_t)p.total_q * p.h * p.d * sizeof(float);
+  const int64_t bh = std::max<int64_t>(1, (int64_t)p.b * p.h), sms = p.num_sms > 0 ? p.num_sms : 132;
+  int loop_s = 1;
+  int64_t best_cost = -1;
+  for (int sp = 1; sp <= hnkb && sp <= 256; ++sp) {
+    if (p.deterministic && sp > 1 && (size_t)sp * slice_bytes > ((size_t)2 << 30)) break;
+    const int64_t waves = (sp * bh + sms - 1) / sms, per = (hnkb + sp - 1) / sp;
+    if (best_cost < 0 || waves * per < best_cost) {
+      best_cost = waves * per;
+      loop_s = sp;
     }
-    const double own_eff = (double)(bh * hnkb) / (double)(sms * best_cost);
-    p.det_own = own_eff >= 0.85;
+  }
+  const double loop_eff = (double)(bh * hnkb) / (double)(sms * best_cost);
+  if (p.hopper && !p.deterministic) {
+    // FLASHSERVE_BWD_LOOP=auto|S|0 (A/B): the loop with the rule's S, with S blocks, or off.
+    if (const char* env = std::getenv("FLASHSERVE_BWD_LOOP")) {
+      if (std::strcmp(env, "auto") == 0) p.loop_blocks = loop_s;
+      else p.loop_blocks = std::max(0, std::min(std::atoi(env), hnkb));
+    }
+  }
+  if (p.deterministic && p.hopper) {
+    const int own_splits = loop_s;
+    p.det_own = loop_eff >= 0.85;
     if (const char* env = std::getenv("FLASHSERVE_BWD_DET_MODE")) {
       if (std::strcmp(env, "own") == 0) p.det_own = true;
       if (std::strcmp(env, "counters") == 0) p.det_own = false;
@@ -321,6 +332,7 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
       p.num_splits = own_splits;
       if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) p.num_splits = std::max(1, std::atoi(env));
       p.num_splits = std::min(p.num_splits, hnkb);
+      p.loop_blocks = p.num_splits;
     } else {
       int sp = (p.window_right < 0 && hnkb <= 64) ? 2 : 1;
       if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) sp = std::max(1, std::atoi(env));  // A/B

@@ -332,6 +332,18 @@ def test_deterministic(d, mode, splits, monkeypatch):
         check_case(torch.bfloat16, d, [700, 300], [1100, 257], hq=2, causal=False, deterministic=True)
 
 
+@pytest.mark.parametrize("loop", ["auto", "3"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_kv_block_loop(d, loop, monkeypatch):
+    """Default mode with the K/V-block loop (FLASHSERVE_BWD_LOOP): blocks that run several K/V blocks each (3 per
+    (head, sequence): zigzag order, partial last round) add into one dQ accumulator; causal, varlen, GQA, and
+    dense with seqlen_q != seqlen_k."""
+    _skip_uncompiled(torch.bfloat16, d)
+    monkeypatch.setenv("FLASHSERVE_BWD_LOOP", loop)
+    check_case(torch.bfloat16, d, [1000, 17, 0, 513], [900, 40, 3, 513], hq=4, hk=2, causal=True)
+    check_case(torch.bfloat16, d, [700, 300], [1100, 257], hq=2, causal=False)
+
+
 def test_rows_past_last_sequence_written():
     """Rows past cu_seqlens[-1] belong to no sequence: their gradients are written as 0."""
     _skip_uncompiled(torch.bfloat16, 64)

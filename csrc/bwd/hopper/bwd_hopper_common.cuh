@@ -192,8 +192,8 @@ cudaError_t launch_hopper_bwd(Kernel kernel, const BwdParams& p, cudaStream_t st
   const int nkb = (p.max_seqlen_k + Tr::Bc - 1) / Tr::Bc;
   if (nkb == 0 || p.b == 0 || p.h == 0) return cudaSuccess;
   // Deterministic mode with counters relies on blocks starting in increasing blockIdx.x (x varies fastest):
-  // block kb waits only for blocks kb' < kb of its (head, sequence). By ownership: num_splits blocks per pair.
-  const int gx = p.deterministic && p.det_own ? p.num_splits : nkb;
+  // block kb waits only for blocks kb' < kb of its (head, sequence). K/V-block loop: loop_blocks per pair.
+  const int gx = p.loop_blocks > 0 ? p.loop_blocks : nkb;
   kernel<<<dim3(gx, p.h, p.b), Tr::kThreads, Tr::kSmemBytes, stream>>>(p, extra...);
   return cudaGetLastError();
 }

@@ -89,30 +89,32 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
   const int c0 = wg * 128;          // this warpgroup's head-dim columns of dK / dV / dQ
 
   // Deterministic: see bwd_hopper_kernel.cuh (same counters and order; dQ slice kb % num_splits), and the same
-  // deterministic-by-ownership mode (p.det_own: default-mode code, block x of num_splits alone adds into dQ
-  // slice x, for K/V blocks x, 2S - 1 - x, 2S + x, ... in that order). Its bulk reductions stay ordered: each
+  // K/V-block loop (p.loop_blocks) and deterministic-by-ownership mode (p.det_own: block x of num_splits alone adds
+  // into dQ slice x, for K/V blocks x, 2S - 1 - x, 2S + x, ... in that order). Its bulk reductions stay ordered: each
   // staged row has one issuing lane, which waits for all of them to complete (bulk_wait<0>) at the end of a
   // K/V block, before the next block's reductions into the same rows.
   const bool rev = kDet && wr >= 0;
   const int ns = kDet ? p.num_splits : 1;
   const int64_t dq_row = (int64_t)p.h * p.d;
   const uint32_t sX = base + Tr::kOffX + wg * Tr::kStageX;  // this warpgroup's extra staging region
-  const bool own = !kDet && p.det_own;
-  const int bx = (int)blockIdx.x, nsplit = own ? (int)gridDim.x : 1;
+  const bool looped = !kDet && p.loop_blocks > 0;  // K/V-block loop (see bwd_params.h)
+  const int bx = (int)blockIdx.x, nsplit = looped ? (int)gridDim.x : 1;
+  // dQ slice: looped, bx (own slices) or 0; else (one K/V block) kb % num_splits with counters, 0 by default.
+  const int kb_single = rev ? nkb - 1 - bx : bx;
+  const int slice = looped ? (p.num_splits > 1 ? bx : 0) : (kDet && kb_single > 0 ? kb_single % ns : 0);
+  int* sem = kDet ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
+  float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
+                  (int64_t)h * p.d;
   for (int it = 0;; ++it) {
     int kb;
-    if (own) {
+    if (looped) {
       kb = it * nsplit + ((it & 1) ? nsplit - 1 - bx : bx);
       if (kb >= nkb) break;
       __syncthreads();  // the previous K/V block's shared-memory reads (wgmma, bulk reductions) are done
     } else {
-      kb = rev ? nkb - 1 - bx : bx;
+      kb = kb_single;
       if (it > 0 || kb < 0 || kb >= nkb) break;
     }
-    const int slice = own ? bx : (kDet && kb > 0 ? kb % ns : 0);
-    int* sem = kDet ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
-    float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
-                    (int64_t)h * p.d;
     const int j0 = kb * Bc;
     int m_begin, m_end;
     m_range(kb, m_begin, m_end);

@@ -117,26 +117,28 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p, c
   // Deterministic: K/V block kb adds into dQ slice kb % num_splits (summed in order by the postprocess), so
   // the chain of blocks that wait for each other at a query block is num_splits times shorter.
   const int ns = det ? p.num_splits : 1;
-  // Deterministic by ownership (p.det_own, the default-mode code with no counters): the grid has num_splits
-  // blocks per (head, sequence); block x alone adds into dQ slice x, for K/V blocks x, 2S - 1 - x, 2S + x, ...
-  // (S = num_splits; the zigzag evens out causal lengths), one after the other in that fixed order, so every
-  // dQ element sees the same additions in the same order on every run.
-  const bool own = !kDet && p.det_own;
-  const int nsplit = own ? (int)gridDim.x : 1;
+  // K/V-block loop (p.loop_blocks = S > 0, the default-mode code): S blocks per (head, sequence), block x running
+  // K/V blocks x, 2S - 1 - x, 2S + x, ... one after the other (the zigzag evens out causal lengths). Deterministic
+  // by ownership (p.det_own) is this with S dQ slices: block x alone adds into slice x, in that fixed order, so
+  // every dQ element sees the same additions in the same order on every run.
+  const bool looped = !kDet && p.loop_blocks > 0;  // K/V-block loop (see bwd_params.h)
+  const int nsplit = looped ? (int)gridDim.x : 1;
+  // dQ slice: looped, bx (own slices) or 0; else (one K/V block) kb % num_splits with counters, 0 by default.
+  const int kb_single = rev ? nkb - 1 - bx : bx;
+  const int slice = looped ? (p.num_splits > 1 ? bx : 0) : (det && kb_single > 0 ? kb_single % ns : 0);
+  int* sem = det ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
+  float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
+                  (int64_t)h * p.d;
   for (int it = 0;; ++it) {
     int kb;
-    if (own) {
+    if (looped) {
       kb = it * nsplit + ((it & 1) ? nsplit - 1 - bx : bx);
       if (kb >= nkb) break;
       __syncthreads();  // the previous K/V block's reads of K, V and dS^T (wgmma included) are done
     } else {
-      kb = rev ? nkb - 1 - bx : bx;
+      kb = kb_single;
       if (it > 0 || kb < 0 || kb >= nkb) break;
     }
-    const int slice = own ? bx : (det && kb > 0 ? kb % ns : 0);
-    int* sem = det ? p.dq_sem + (((int64_t)slice * p.b + b) * p.h + h) * p.dq_sem_stride : nullptr;
-    float* dq_acc = p.dq_accum + (int64_t)slice * p.total_q * p.h * p.d + (int64_t)q_start * p.h * p.d +
-                    (int64_t)h * p.d;
     const int j0 = kb * Bc;
     int m_begin, m_end;
     m_range(kb, m_begin, m_end);
@@ -357,7 +359,7 @@ cudaError_t run_hopper_impl(const BwdParams& p, cudaStream_t stream, bool* used,
   // session 6: +2.6-3.8% at d128 1k / 2k causal; d64 and longer rows gained nothing consistent or lost).
   // FLASHSERVE_BWD_SCHED_CHUNK=C forces C (A/B).
   int chunk = 1;
-  if (!p.deterministic) {  // (p.det_own keeps chunk = 1: its grid is num_splits blocks per (head, sequence))
+  if (!p.deterministic && p.loop_blocks == 0) {  // (the K/V-block loop keeps chunk = 1)
     const int nkb = std::max(1, (p.max_seqlen_k + HTraits<kD>::Bc - 1) / HTraits<kD>::Bc);
     const int sms = p.num_sms > 0 ? p.num_sms : 132;
     if (kD == 128 && p.window_right >= 0 && nkb <= 16) chunk = (2 * sms + nkb - 1) / nkb;
