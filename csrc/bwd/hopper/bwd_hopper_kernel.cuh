@@ -2,7 +2,8 @@
 //
 // Same decomposition as ../bwd_kernel.cuh (one block per (K/V block of Bc = 128 keys, query head, sequence),
 // loop over query blocks of Br = 64 rows (128 at d64), fp32 dQ accumulator with atomics; deterministic mode
-// orders the additions per query block with a counter), but the block is two consumer warpgroups, warpgroup w
+// either owns one dQ slice per block, blocks looping over several K/V blocks, or orders the additions per query
+// block with a counter: see "K/V-block loop" below), but the block is two consumer warpgroups, warpgroup w
 // owning keys 64 w .. 64 w + 63:
 //   S^T  = K_w Q^T,  dP^T = V_w dO^T          wgmma SS, both operands K-major (head dim contiguous)
 //   P^T, dS^T elementwise in the accumulator registers
