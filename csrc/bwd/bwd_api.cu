@@ -262,6 +262,30 @@ bool class_compiled(int cls, bool bf16) {
   return hd && dt;
 }
 
+namespace {
+
+// Blocks per (head, sequence) for a schedule whose blocks each run several K/V blocks one after the other: the S
+// minimising (waves of S * bh blocks, one resident per SM) x (K/V blocks per block), the critical path in K/V-block
+// steps; ties go to the smaller S (less zeroing and summing of dQ slices). slice_bytes > 0: each block owns a dQ
+// slice of that size, and the S slices must fit in 2 GiB (FlashAttention-2's deterministic dQ takes about as much).
+// *efficiency: useful block-steps / (SMs x that critical path).
+int split_blocks(int nkb, int64_t bh, int64_t sms, size_t slice_bytes, double* efficiency) {
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int sp = 1; sp <= nkb && sp <= 256; ++sp) {
+    if (slice_bytes && sp > 1 && (size_t)sp * slice_bytes > ((size_t)2 << 30)) break;
+    const int64_t waves = (sp * bh + sms - 1) / sms, per = (nkb + sp - 1) / sp;
+    if (best_cost < 0 || waves * per < best_cost) {
+      best_cost = waves * per;
+      best = sp;
+    }
+  }
+  if (efficiency) *efficiency = best_cost > 0 ? (double)(bh * nkb) / (double)(sms * best_cost) : 1.0;
+  return best;
+}
+
+}  // namespace
+
 std::string plan(BwdParams& p, BwdWorkspace* ws) {
   if (p.d <= 0 || p.d % 8 != 0 || p.d > 256)
     return "flashserve backward: head dim (padded) must be a multiple of 8 in [8, 256], got " + std::to_string(p.d);
@@ -285,7 +309,7 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   const int nkb = (p.max_seqlen_k + bc - 1) / bc;
   p.num_splits = 1;
   // Hopper kernels, deterministic mode, two schemes (FLASHSERVE_BWD_DET_MODE=own|counters forces one, A/B):
-  // - by ownership (det_own): num_splits blocks per (head, sequence), block x adds alone into dQ slice x, for
+  // - by ownership (loop_blocks = num_splits): num_splits blocks per (head, sequence), block x adds alone into dQ slice x, for
   //   K/V blocks x, 2S - 1 - x, ... one after the other; no waiting, but S dQ slices to zero and sum, and each
   //   block revisits its slice's rows once per K/V block. Taken when S blocks per pair fill the GPU's waves well.
   // - with counters: one block per K/V block as in default mode, additions into a query block ordered by a
@@ -293,73 +317,46 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   //   H5): 2 slices help without a diagonal bound up to 64 K/V blocks (+5-9% at d64/d256), 4 slices and any
   //   slicing under causal masks cost more (up to -40%) than the shorter chains gain.
   p.dq_sem_stride = (p.max_seqlen_q + 63) / 64;
-  p.det_own = false;
   p.loop_blocks = 0;
-  // K/V-block loop: S blocks per (head, sequence) minimising (waves of S * b * h blocks, one per SM) x (K/V
-  // blocks per block), i.e. the critical path in K/V-block steps; efficiency = useful block-steps / (SMs x that).
-  // Deterministic by ownership also needs S dQ slices: kept within 2 GiB (as the mma.sync kernel's;
-  // FlashAttention-2's deterministic dQ takes about as much).
-  const int hbc = cls == 256 ? 64 : 128;  // keys per Hopper block
-  const int hnkb = std::max(1, (p.max_seqlen_k + hbc - 1) / hbc);
-  const size_t slice_bytes = (size_t)p.total_q * p.h * p.d * sizeof(float);
   const int64_t bh = std::max<int64_t>(1, (int64_t)p.b * p.h), sms = p.num_sms > 0 ? p.num_sms : 132;
-  int loop_s = 1;
-  int64_t best_cost = -1;
-  for (int sp = 1; sp <= hnkb && sp <= 256; ++sp) {
-    if (p.deterministic && sp > 1 && (size_t)sp * slice_bytes > ((size_t)2 << 30)) break;
-    const int64_t waves = (sp * bh + sms - 1) / sms, per = (hnkb + sp - 1) / sp;
-    if (best_cost < 0 || waves * per < best_cost) {
-      best_cost = waves * per;
-      loop_s = sp;
-    }
-  }
-  const double loop_eff = (double)(bh * hnkb) / (double)(sms * best_cost);
-  if (p.hopper && !p.deterministic) {
-    // FLASHSERVE_BWD_LOOP=auto|S|0 (A/B): the loop with the rule's S, with S blocks, or off.
-    if (const char* env = std::getenv("FLASHSERVE_BWD_LOOP")) {
-      if (std::strcmp(env, "auto") == 0) p.loop_blocks = loop_s;
-      else p.loop_blocks = std::max(0, std::min(std::atoi(env), hnkb));
-    }
-  }
-  if (p.deterministic && p.hopper) {
-    const int own_splits = loop_s;
-    p.det_own = loop_eff >= 0.85;
-    if (const char* env = std::getenv("FLASHSERVE_BWD_DET_MODE")) {
-      if (std::strcmp(env, "own") == 0) p.det_own = true;
-      if (std::strcmp(env, "counters") == 0) p.det_own = false;
-    }
-    if (p.det_own) {
-      p.num_splits = own_splits;
-      if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) p.num_splits = std::max(1, std::atoi(env));
-      p.num_splits = std::min(p.num_splits, hnkb);
-      p.loop_blocks = p.num_splits;
+  const size_t slice_bytes = (size_t)p.total_q * p.h * p.d * sizeof(float);
+  if (p.hopper) {
+    const int hbc = cls == 256 ? 64 : 128;  // keys per Hopper block
+    const int hnkb = std::max(1, (p.max_seqlen_k + hbc - 1) / hbc);
+    double loop_eff = 1.0;
+    const int loop_s = split_blocks(hnkb, bh, sms, p.deterministic ? slice_bytes : 0, &loop_eff);
+    if (!p.deterministic) {
+      // FLASHSERVE_BWD_LOOP=auto|S|0 (A/B): the K/V-block loop with split_blocks' S, with S blocks, or off.
+      if (const char* env = std::getenv("FLASHSERVE_BWD_LOOP")) {
+        if (std::strcmp(env, "auto") == 0) p.loop_blocks = loop_s;
+        else p.loop_blocks = std::max(0, std::min(std::atoi(env), hnkb));
+      }
     } else {
-      int sp = (p.window_right < 0 && hnkb <= 64) ? 2 : 1;
-      if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) sp = std::max(1, std::atoi(env));  // A/B
-      while (sp > 1 && (size_t)sp * slice_bytes > ((size_t)1 << 30)) --sp;
-      p.num_splits = std::max(1, std::min(sp, hnkb));
-    }
-  }
-  if (p.deterministic && nkb > 1 && !p.hopper) {
-    // Block x of a head handles K/V blocks x, x + S, ... (S = num_splits) and owns dq_accum slice x. Choose S to
-    // minimise (waves of S * b * h blocks, one resident per SM) x (K/V blocks per block), i.e. the critical path
-    // in K/V-block steps, with the slices within 2 GiB; ties go to the smaller S (less zeroing and summing).
-    const int64_t bh = (int64_t)p.b * p.h, sms = p.num_sms > 0 ? p.num_sms : 132;
-    const size_t slice_bytes = (size_t)p.total_q * p.h * p.d * sizeof(float);
-    int64_t best_cost = -1;
-    for (int sp = 1; sp <= nkb && sp <= 256; ++sp) {
-      if (sp > 1 && (size_t)sp * slice_bytes > ((size_t)2 << 30)) break;
-      const int64_t waves = (sp * bh + sms - 1) / sms, per = (nkb + sp - 1) / sp;
-      if (best_cost < 0 || waves * per < best_cost) {
-        best_cost = waves * per;
-        p.num_splits = sp;
+      bool own = loop_eff >= 0.85;
+      if (const char* env = std::getenv("FLASHSERVE_BWD_DET_MODE")) {
+        if (std::strcmp(env, "own") == 0) own = true;
+        if (std::strcmp(env, "counters") == 0) own = false;
+      }
+      if (own) {
+        p.num_splits = loop_s;
+        if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) p.num_splits = std::max(1, std::atoi(env));
+        p.num_splits = std::min(p.num_splits, hnkb);
+        p.loop_blocks = p.num_splits;
+      } else {
+        int sp = (p.window_right < 0 && hnkb <= 64) ? 2 : 1;
+        if (const char* env = std::getenv("FLASHSERVE_BWD_DET_SPLITS")) sp = std::max(1, std::atoi(env));  // A/B
+        while (sp > 1 && (size_t)sp * slice_bytes > ((size_t)1 << 30)) --sp;
+        p.num_splits = std::max(1, std::min(sp, hnkb));
       }
     }
+  } else if (p.deterministic && nkb > 1) {
+    // mma.sync kernel: block x of a head handles K/V blocks x, x + S, ... (S = num_splits) and owns dq_accum slice x.
+    p.num_splits = split_blocks(nkb, bh, sms, slice_bytes, nullptr);
   }
   if (ws) {
     ws->dsum_floats = (size_t)p.h * p.total_q;
     ws->dq_accum_floats = (size_t)p.num_splits * p.total_q * p.h * p.d;
-    if (p.hopper && p.deterministic && !p.det_own)
+    if (p.hopper && p.deterministic && p.loop_blocks == 0)  // counters
       ws->dq_accum_floats += (size_t)p.num_splits * p.b * p.h * p.dq_sem_stride;
     ws->dkv_accum_floats = p.h != p.h_k ? (size_t)p.total_k * p.h * p.d : 0;
   }
@@ -381,7 +378,7 @@ std::string run(BwdParams& p, cudaStream_t stream) {
     bool used = false;
     if (p.hopper) {
       p.dq_sem = nullptr;
-      if (p.deterministic && !p.det_own) {
+      if (p.deterministic && p.loop_blocks == 0) {  // counters
         p.dq_sem = reinterpret_cast<int*>(p.dq_accum + (size_t)p.num_splits * p.total_q * p.h * p.d);
         e = cudaMemsetAsync(p.dq_sem, 0, (size_t)p.num_splits * p.b * p.h * p.dq_sem_stride * sizeof(int), stream);
         if (e != cudaSuccess) return cuda_msg("dQ counter reset", e);

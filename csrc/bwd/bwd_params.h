@@ -63,12 +63,11 @@ struct BwdParams {
   int head_dim_class;
   int num_splits;
   bool hopper;  // the sm_90a (wgmma) kernel runs this call
-  // Deterministic mode of the Hopper kernels: true = by ownership (num_splits blocks per (head, sequence), block
-  // x alone adds into dQ slice x, no counters), false = ordered additions with the counters below.
-  bool det_own;
   // K/V-block loop (both modes): loop_blocks > 0 launches that many blocks per (head, sequence), block x running
   // K/V blocks x, 2 loop_blocks - 1 - x, 2 loop_blocks + x, ... one after the other (zigzag: even causal
-  // lengths), adding into dQ slice x % num_splits; 0 = one block per K/V block. det_own sets it to num_splits.
+  // lengths), adding into dQ slice x % num_splits; 0 = one block per K/V block. Deterministic mode of the Hopper kernels:
+  // loop_blocks = num_splits is "by ownership" (block x alone adds into dQ slice x, no counters), 0 = ordered
+  // additions with the counters below.
   int loop_blocks;
   // Filled by run(): deterministic mode of the Hopper kernels, one counter per (dQ slice, sequence, head, 64 query
   // rows), (num_splits, b, h, dq_sem_stride) ints at the end of the dq_accum workspace (plan() counts them in).

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
   const int c0 = wg * 128;          // this warpgroup's head-dim columns of dK / dV / dQ
 
   // Deterministic: see bwd_hopper_kernel.cuh (same counters and order; dQ slice kb % num_splits), and the same
-  // K/V-block loop (p.loop_blocks) and deterministic-by-ownership mode (p.det_own: block x of num_splits alone adds
+  // K/V-block loop (p.loop_blocks) and deterministic-by-ownership mode (loop_blocks = num_splits: block x of num_splits alone adds
   // into dQ slice x, for K/V blocks x, 2S - 1 - x, 2S + x, ... in that order). Its bulk reductions stay ordered: each
   // staged row has one issuing lane, which waits for all of them to complete (bulk_wait<0>) at the end of a
   // K/V block, before the next block's reductions into the same rows.
@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
 template <typename T>
 cudaError_t run_hopper_d256_impl(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
   const bool extras = p.softcap > 0.f || p.alibi != nullptr;
-  const bool counters = p.deterministic && !p.det_own;  // det_own runs the default-mode code
+  const bool counters = p.deterministic && p.loop_blocks == 0;  // by ownership: the default-mode code
   auto kernel = extras ? (counters ? bwd_hopper_d256_kernel<T, true, true> : bwd_hopper_d256_kernel<T, true, false>)
                        : (counters ? bwd_hopper_d256_kernel<T, false, true> : bwd_hopper_d256_kernel<T, false, false>);
   return launch_hopper_bwd<HTraits256>(kernel, p, stream, used, probe);

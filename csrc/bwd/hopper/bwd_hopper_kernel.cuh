@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p, c
   const int ns = det ? p.num_splits : 1;
   // K/V-block loop (p.loop_blocks = S > 0, the default-mode code): S blocks per (head, sequence), block x running
   // K/V blocks x, 2S - 1 - x, 2S + x, ... one after the other (the zigzag evens out causal lengths). Deterministic
-  // by ownership (p.det_own) is this with S dQ slices: block x alone adds into slice x, in that fixed order, so
+  // by ownership (deterministic with loop_blocks = num_splits) is this with S dQ slices: block x alone adds into slice x, in that fixed order, so
   // every dQ element sees the same additions in the same order on every run.
   const bool looped = !kDet && p.loop_blocks > 0;  // K/V-block loop (see bwd_params.h)
   const int nsplit = looped ? (int)gridDim.x : 1;
@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_kernel(const BwdParams p, c
 template <typename T, int kD>
 cudaError_t run_hopper_impl(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
   const bool extras = p.softcap > 0.f || p.alibi != nullptr;
-  const bool counters = p.deterministic && !p.det_own;  // det_own runs the default-mode code
+  const bool counters = p.deterministic && p.loop_blocks == 0;  // by ownership: the default-mode code
   auto kernel = extras ? (counters ? bwd_hopper_kernel<T, kD, true, true> : bwd_hopper_kernel<T, kD, true, false>)
                        : (counters ? bwd_hopper_kernel<T, kD, false, true> : bwd_hopper_kernel<T, kD, false, false>);
   // Block order (default mode): at d128 with a diagonal bound (the K/V blocks differ in length there) and at most
