@@ -32,6 +32,29 @@ def parse_variants(text):
     return out
 
 
+def bwd_row(C, dtype, d, s, causal, device="cuda"):
+    """One row of the grid (16k tokens, heads = 2048 / d): (ours(det) -> our backward call, fa2 -> SDPA FLASH's
+    backward on the same inputs, flops = 2.5 x the forward's, batch, heads). O and LSE come from our forward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h = 16384 // s, 2048 // d
+    q, k, v, do = (torch.randn(b * s, h, d, device=device, dtype=dtype) for _ in range(4))
+    cu = torch.arange(0, (b + 1) * s, s, device=device, dtype=torch.int32)
+    out, lse, _ = C.fwd(q, k, v, cu, cu, s, s, d ** -0.5, causal, -1, -1, 0.0, None, 0.0, 0, 0, False, 0)
+
+    def ours(det):
+        return lambda: C.bwd(do, q, k, v, out, lse, cu, cu, s, s, d ** -0.5, causal, -1, -1, 0.0, None, 0.0, 0, 0,
+                             det)
+
+    qs, ks, vs = (x.view(b, s, h, d).transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+    dob = do.view(b, s, h, d).transpose(1, 2)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+    fa2 = lambda: torch.autograd.grad(o, (qs, ks, vs), dob, retain_graph=True)  # noqa: E731
+    flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+    return ours, fa2, flops, b, h
+
+
 def event_time(fn, reps):
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
@@ -53,7 +76,6 @@ def main() -> int:
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
     from flashserve import _C
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     variants = parse_variants(args.variants)
     keys = sorted({k for _, env in variants for k in env})
@@ -69,18 +91,8 @@ def main() -> int:
     for spec in args.rows.split(","):
         d, s, causal = (int(x) for x in spec.split(":"))
         causal = bool(causal)
-        b, h = 16384 // s, 2048 // d
-        q, k, v, do = (torch.randn(b * s, h, d, device="cuda", dtype=dtype) for _ in range(4))
-        cu = torch.arange(0, (b + 1) * s, s, device="cuda", dtype=torch.int32)
-        out, lse, _ = _C.fwd(q, k, v, cu, cu, s, s, d ** -0.5, causal, -1, -1, 0.0, None, 0.0, 0, 0, False, 0)
-        flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
-        ours = lambda: _C.bwd(do, q, k, v, out, lse, cu, cu, s, s, d ** -0.5, causal, -1, -1, 0.0, None,  # noqa
-                              0.0, 0, 0, args.det)
-        qs, ks, vs = (x.view(b, s, h, d).transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
-        dob = do.view(b, s, h, d).transpose(1, 2)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-        fa2 = lambda: torch.autograd.grad(o, (qs, ks, vs), dob, retain_graph=True)  # noqa: E731
+        ours_for, fa2, flops, b, h = bwd_row(_C, dtype, d, s, causal)
+        ours = ours_for(args.det)
         calls = [(name, env, ours) for name, env in variants] + [("FA2", {}, fa2)]
         times = {name: [] for name, _, _ in calls}
         for r in range(args.rounds + 1):  # round 0: warm-up

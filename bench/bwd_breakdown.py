@@ -16,7 +16,9 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bwd_ab import bwd_row  # noqa: E402 - bench/bwd_ab.py: the grid's rows
 
 DEFAULT_ROWS = ("64:1024:1,64:2048:1,64:1024:0,64:8192:0,128:1024:1,128:2048:1,128:8192:0,128:8192:1,"
                 "256:1024:0,256:1024:1,256:2048:1,256:8192:1,256:16384:0")
@@ -56,7 +58,6 @@ def main() -> int:
                     help="deterministic schemes to time (FLASHSERVE_BWD_DET_MODE; auto = plan()'s rule)")
     args = ap.parse_args()
     from flashserve import _C
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dtype = getattr(torch, args.dtype)
     lines = [f"# Backward per-kernel device time ({datetime.date.today()}, {torch.cuda.get_device_name()}, "
@@ -64,21 +65,8 @@ def main() -> int:
     for spec in args.rows.split(","):
         d, s, causal = (int(x) for x in spec.split(":"))
         causal = bool(causal)
-        b, h = 16384 // s, 2048 // d
         torch.manual_seed(0)
-        q, k, v, do = (torch.randn(b * s, h, d, device="cuda", dtype=dtype) for _ in range(4))
-        cu = torch.arange(0, (b + 1) * s, s, device="cuda", dtype=torch.int32)
-        out, lse, _ = _C.fwd(q, k, v, cu, cu, s, s, d ** -0.5, causal, -1, -1, 0.0, None, 0.0, 0, 0, False, 0)
-
-        def ours(det):
-            return lambda: _C.bwd(do, q, k, v, out, lse, cu, cu, s, s, d ** -0.5, causal, -1, -1, 0.0, None, 0.0,
-                                  0, 0, det)
-
-        qs, ks, vs = (x.view(b, s, h, d).transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
-        dob = do.view(b, s, h, d).transpose(1, 2)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
-        fa2 = lambda: torch.autograd.grad(o, (qs, ks, vs), dob, retain_graph=True)  # noqa: E731
+        ours, fa2, _, b, h = bwd_row(_C, dtype, d, s, causal)
         first = len(lines)
         lines += [f"## d{d} {s // 1024}k {'causal' if causal else 'dense'} (B={b}, H={h})", "",
                   "| call | kernel | us/call |", "| --- | --- | ---: |"]
