@@ -22,7 +22,7 @@ import torch
 import flashserve
 from flashserve.proto import attention_pb2 as pb
 from naive import rel_err
-from test_processes import Supervised, alive, children, free_port
+from test_processes import Supervised, alive, children, free_port_block
 
 
 def metric(port: int, name: str, labels: str = "") -> float:
@@ -33,10 +33,10 @@ def metric(port: int, name: str, labels: str = "") -> float:
 
 @pytest.fixture(scope="module")
 def engine():
-    port = free_port()
-    sup = Supervised("--frontends", "2", "--backend", "torch", "--device", "cpu", "--allow-shm",
-                     "--metrics-port", str(port), "--drain-s", "2", "--batch-delay-us", "20000")
-    sup.metrics = port  # engine: port, front end i: port + 1 + i
+    port = free_port_block(4)  # the service's port, then the metrics ports
+    sup = Supervised("--frontends", "2", "--backend", "torch", "--device", "cpu", "--allow-shm", "--port", str(port),
+                     "--metrics-port", str(port + 1), "--drain-s", "2", "--batch-delay-us", "20000")
+    sup.metrics = port + 1  # engine: this port, front end i: + 1 + i
     try:
         sup.wait_listening(2)
         yield sup

@@ -27,6 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int) -> int:
+    """A first port p with p .. p + n - 1 all free now. A server given `--port p --metrics-port p + 1` then binds
+    no port the system picks for it (with `--port 0` that pick could be a metrics port chosen before: seen in CI)."""
+    for _ in range(100):
+        first, socks = free_port(), []
+        try:
+            for i in range(n):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def children(pid: int):
     """Live child pids of pid (from /proc)."""
     out = []
@@ -107,9 +125,10 @@ def forward_matches(target: str, seed: int) -> None:
 
 
 def test_processes_share_the_port_and_the_load_and_a_dead_one_is_replaced():
-    metrics = free_port()
-    sup = Supervised("--processes", "2", "--backend", "torch", "--device", "cpu", "--metrics-port", str(metrics),
-                     "--drain-s", "2")
+    port = free_port_block(3)  # the service's port, then one metrics port per process
+    metrics = port + 1
+    sup = Supervised("--processes", "2", "--backend", "torch", "--device", "cpu", "--port", str(port),
+                     "--metrics-port", str(metrics), "--drain-s", "2")
     try:
         target = sup.wait_listening(2)
         for i in range(24):  # 24 connections: the chance that one process got none is 2 x 2^-24
