@@ -5,8 +5,10 @@
 Drives `Engine._run` (server/engine.py) in-process with the batching benchmark's request (512 tokens x 16 heads x
 64, bf16, q/k/v and the outputs in shared-memory regions) and the launch stubbed out, so what is timed is the work
 batching cannot share: the hand-over's tensors, shared-memory views and page-lock holds, job bookkeeping, the
-outputs' descriptors (the scheduler's queue and the messages to the front ends are not included). On the H200 host that work bounds the batched rate (bench/results/engine_profile_2026-12-03_h200_session7.txt);
-this measures it on any machine, before and after a change. `--profile`: the top functions by own time.
+outputs' descriptors (the scheduler's queue and the messages to the front ends are not included; the whole process,
+scheduler and messages included, is bench/engine_pipeline.py). It is most of the GPU process's event-loop time under
+batched load (bench/results/engine_profile_2026-12-03_h200_session7.txt); this measures it on any machine, before and
+after a change. `--profile`: the top functions by own time.
 `--gil-contention`: the same with a Python-busy thread beside it; each call on the path that releases the GIL (most
 torch ops do; tensor indexing, torch.from_numpy and numpy do not) then waits for the GIL, which is what such calls
 cost in the GPU process, where the event loop and the compute workers contend for it."""

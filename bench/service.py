@@ -222,7 +222,7 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
         for mb in sizes_mb:
             q, k, v, cu_q, cu_k = forward_inputs(mb * MB, dtype)
             params = make_params(None, False, (-1, -1), 0.0, 0.0, 0, 0, False, q.shape[0], 16, False)
-            reps = repeats if mb < 64 else max(3, repeats // 2)
+            reps = repeats
             stats = {}
 
             def fs_call(client, stats=stats):
@@ -523,7 +523,8 @@ def to_markdown(r) -> str:
 def _payload_markdown(r):
     L = ["", "## 1-2. Forward round trips over loopback vs raw gRPC bytes, and shared memory", "",
          "Payload = q (head dim 256, one head; fp32 on CPU, bf16 on CUDA) up plus out + lse down; k/v are 16 tokens, so compute is small "
-         "and reported apart. MB/s = (bytes up + bytes down) / round-trip time, median of the repeats. "
+         f"and reported apart. MB/s = (bytes up + bytes down) / round-trip time, median of {r.get('repeats', 'the')} "
+         "repeats. "
          "Raw gRPC = a generic grpcio server (own process) reading the same number of bytes as 4 MB messages and "
          "streaming as many back; raw, gRPC path and shm calls are taken in turn (medians per kind). "
          "Excl. compute: the median over calls of (round trip - that call's server compute time). "
@@ -614,6 +615,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="sizes up to 64 MB, fewer repeats and requests")
+    p.add_argument("--repeats", type=int, default=0, help="round trips per payload size and kind, taken in turn "
+                   "(0: 9, or 5 with --quick); the medians are reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--concurrency", type=int, default=64, help="clients in the batching comparison")
     p.add_argument("--batch-requests", type=int, default=0, help="requests per batching setting (0: by device)")
@@ -641,7 +644,7 @@ def main(argv=None) -> int:
     sizes = [1, 4, 16, 64] if args.quick else [1, 4, 16, 64, 128, 256]
     if args.sizes:
         sizes = [int(x) for x in args.sizes.split(",")]
-    repeats = 5 if args.quick else 7
+    repeats = args.repeats or (5 if args.quick else 9)
     tmp = tempfile.mkdtemp(prefix="fsbench")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # the flash backend takes 16-bit
     extra = ["--max-concurrent", "256", "--device", args.device]
@@ -658,6 +661,7 @@ def main(argv=None) -> int:
                 info = c.server_info()
                 report["server"] = {"backend": info.backend, "device": info.device}
             print(f"1-2. payload sweep ({fs.target} vs raw {raw.target}, {info.backend} backend)", flush=True)
+            report["repeats"] = repeats
             report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64, dtype=dtype,
                                               chunk_bytes=args.chunk_bytes)
             report["chunk_bytes"] = args.chunk_bytes or flashserve.wire.DEFAULT_CHUNK_BYTES

@@ -228,3 +228,25 @@ def test_the_engine_holds_the_limits_of_all_front_ends_together():
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and admitted == [0]
     AttentionService.admit(service, 40, admitted)
     assert admitted == [40] and service.inflight_bytes == 100
+
+
+def test_engine_pipeline_tool_serves_both_settings(tmp_path):
+    """bench/engine_pipeline.py (the GPU process of --frontends N driven over its socket, CUDA calls stubbed) keeps
+    working as the engine and scheduler change: it patches the scheduler's CUDA path, so a rename there must fail
+    here, not on the next GPU host. Batching off launches once per request, batching on batches, nothing fails."""
+    import json
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "bench" / "engine_pipeline.py"
+    out = tmp_path / "pipeline.json"
+    proc = subprocess.run([sys.executable, str(tool), "--clients", "8", "--connections", "2", "--seconds", "0.5",
+                           "--warmup", "0.3", "--rounds", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    on, off = res["batching on"], res["batching off"]
+    assert on["requests"] > 0 and off["requests"] > 0
+    assert on["errors"] == 0 and off["errors"] == 0
+    assert off["launches_per_request"] == 1.0
+    assert on["launches_per_request"] < 0.9  # 8 requests in flight, compute stubbed: batches form
+    assert on["engine_cpu_ms_per_request"] > 0
