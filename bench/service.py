@@ -31,6 +31,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,22 +42,35 @@ MB = 1 << 20
 
 # ---- the raw gRPC byte server (its own process) ---------------------------------------------------
 def raw_server_main(port_file: str) -> None:
-    """Bidi stream: the client's first message is 8 bytes (little-endian count of bytes wanted back), then
-    data chunks; the server counts them, then answers with that many bytes in CHUNK-sized messages."""
+    """Bidi stream: the client's first message is 8 bytes (little-endian count of bytes wanted back), and a ninth
+    byte 1 when the reply should be distinct bytes, then data chunks; the server counts them, then answers with that
+    many bytes in CHUNK-sized messages: one cached chunk sent again and again, or as many different chunks (made on
+    first use, then kept), as a real reply's bytes are."""
     out_chunk = b"\x00" * CHUNK
+    distinct: list = []  # distinct reply chunks, made on first use
+    rng = np.random.default_rng(1)
 
     async def echo(request_iterator, context):
         want = None
+        varied = False
         got = 0
         async for msg in request_iterator:
             if want is None:
                 want = int.from_bytes(msg[:8], "little")
+                varied = len(msg) > 8 and msg[8] == 1
                 continue
             got += len(msg)
-        sent = 0
+        sent = i = 0
         while sent < want:
             n = min(CHUNK, want - sent)
-            yield out_chunk if n == CHUNK else out_chunk[:n]
+            if varied:
+                while len(distinct) <= i:
+                    distinct.append(rng.bytes(CHUNK))
+                chunk = distinct[i]
+                i += 1
+            else:
+                chunk = out_chunk
+            yield chunk if n == CHUNK else chunk[:n]
             sent += n
 
     async def main():
@@ -157,11 +171,13 @@ class Proc:
                 self.proc.wait()
 
 
-def raw_round_trip(channel, up: int, down: int, chunks) -> float:
+def raw_round_trip(channel, up: int, down: int, chunks, distinct: bool = False) -> float:
+    """Seconds to stream `up` bytes (from `chunks`, in order) and get `down` back. distinct: the reply's chunks are
+    all different (else the server sends one cached chunk again and again)."""
     call = channel.stream_stream(RAW_METHOD)
 
     def frames():
-        yield down.to_bytes(8, "little")
+        yield down.to_bytes(8, "little") + (b"\x01" if distinct else b"")
         left = up
         for c in chunks:
             if left <= 0:
@@ -212,6 +228,10 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
     rows = []
     big = max(sizes_mb) * MB
     payload_chunks = [bytes(CHUNK)] * (big // CHUNK + 1)
+    # The same bytes as distinct chunks, as a real payload is (one cached chunk sent again and again streams from
+    # the CPU's caches, not from memory): raw gRPC moving the payload's own volume of different bytes.
+    rng = np.random.default_rng(0)
+    distinct_chunks = [rng.bytes(CHUNK) for _ in range(big // CHUNK + 1)]
     opts = [("grpc.max_receive_message_length", 80 << 20), ("grpc.max_send_message_length", 80 << 20)]
     from flashserve import wire
 
@@ -235,11 +255,13 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
             up = sum(t.numel() * t.element_size() for t in (q, k, v, cu_q, cu_k))
             down = q.numel() * q.element_size() + q.shape[0] * 4
             # interleaved (raw, gRPC path, shm, raw, ...): drifts of a noisy machine hit all of them alike
-            calls = {"raw": lambda: raw_round_trip(raw, up, down, payload_chunks), "fs": lambda: fs_call(cb)}
+            calls = {"raw": lambda: raw_round_trip(raw, up, down, payload_chunks),
+                     "raw_distinct": lambda: raw_round_trip(raw, up, down, distinct_chunks, distinct=True),
+                     "fs": lambda: fs_call(cb)}
             if mb >= shm_from_mb:
                 calls["shm"] = lambda: fs_call(cs)
             times = interleaved_medians(calls, reps)
-            t_fs, t_raw = times["fs"], times["raw"]
+            t_fs, t_raw, t_rawd = times["fs"], times["raw"], times["raw_distinct"]
             timings = [t for _, t in stats[id(cb)][1:]]  # [0] is the warm-up call
 
             def net(client):  # median of (round trip - that call's own server compute): noisy computes cancel
@@ -248,9 +270,12 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
                    "flashserve_s": t_fs, "flashserve_mb_s": (up + down) / t_fs / MB,
                    "raw_grpc_s": t_raw, "raw_grpc_mb_s": (up + down) / t_raw / MB,
                    "ratio": t_raw / t_fs,
+                   "raw_distinct_s": t_rawd, "raw_distinct_mb_s": (up + down) / t_rawd / MB,
+                   "ratio_distinct": t_rawd / t_fs,
                    "server_compute_s": statistics.median(t.compute_s for t in timings),
                    "server_receive_s": statistics.median(t.receive_s for t in timings)}
             row["ratio_excl_compute"] = t_raw / net(cb)
+            row["ratio_distinct_excl_compute"] = t_rawd / net(cb)
             if mb >= shm_from_mb:
                 t_shm = times["shm"]
                 row.update(shm_s=t_shm, shm_mb_s=(up + down) / t_shm / MB, shm_vs_grpc=t_fs / t_shm,
@@ -258,7 +283,8 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
                 assert cs.uses_shm()
             rows.append(row)
             print(f"  {mb:4d} MB: flashserve {row['flashserve_mb_s']:7.0f} MB/s, raw gRPC {row['raw_grpc_mb_s']:7.0f} "
-                  f"MB/s, ratio {row['ratio']:.2f} (compute {row['server_compute_s'] * 1e3:.1f} ms)"
+                  f"MB/s (distinct bytes {row['raw_distinct_mb_s']:7.0f}), ratio {row['ratio']:.2f} "
+                  f"({row['ratio_distinct']:.2f}) (compute {row['server_compute_s'] * 1e3:.1f} ms)"
                   + (f", shm {row['shm_mb_s']:7.0f} MB/s = {row['shm_vs_grpc']:.1f}x" if "shm_s" in row else ""),
                   flush=True)
             q = k = v = None  # free the payload before the next size
@@ -526,18 +552,25 @@ def _payload_markdown(r):
          f"and reported apart. MB/s = (bytes up + bytes down) / round-trip time, median of {r.get('repeats', 'the')} "
          "repeats. "
          "Raw gRPC = a generic grpcio server (own process) reading the same number of bytes as 4 MB messages and "
-         "streaming as many back; raw, gRPC path and shm calls are taken in turn (medians per kind). "
+         "streaming as many back, in two forms: one 4 MB chunk sent again and again each way (cache-resident bytes), "
+         "and distinct chunks each way (the payload's own volume of different bytes, as flashserve moves). Raw, "
+         "distinct raw, gRPC path and shm calls are taken in turn (medians per kind). "
          "Excl. compute: the median over calls of (round trip - that call's server compute time). "
          f"flashserve's gRPC path: chunks of about 1/16 of the payload, 1 MB to "
          f"{r.get('chunk_bytes', 4 << 20) // 1024} KB (wire.chunk_size_for).", "",
-         "| payload up | flashserve gRPC MB/s | raw gRPC MB/s | ratio | server compute ms | ratio excl. compute | "
-         "shm MB/s | shm / gRPC chunks | same, excl. compute |",
+         "| payload up | flashserve gRPC MB/s | raw gRPC MB/s (one chunk / distinct) | ratio (to one chunk / distinct) | "
+         "server compute ms | ratio excl. compute (one chunk / distinct) | shm MB/s | shm / gRPC chunks | "
+         "same, excl. compute |",
          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in r["payload"]:
         shm = (f"{row['shm_mb_s']:.0f} | {row['shm_vs_grpc']:.1f}x | {row['shm_vs_grpc_excl_compute']:.1f}x"
                if "shm_s" in row else "- | - | -")
-        L.append(f"| {row['payload_mb']} MB | {row['flashserve_mb_s']:.0f} | {row['raw_grpc_mb_s']:.0f} | "
-                 f"{row['ratio']:.2f} | {row['server_compute_s'] * 1e3:.1f} | {row['ratio_excl_compute']:.2f} | {shm} |")
+        dist = row.get("raw_distinct_mb_s")
+        raw = f"{row['raw_grpc_mb_s']:.0f}" + (f" / {dist:.0f}" if dist else "")
+        ratio = f"{row['ratio']:.2f}" + (f" / {row['ratio_distinct']:.2f}" if dist else "")
+        excl = f"{row['ratio_excl_compute']:.2f}" + (f" / {row['ratio_distinct_excl_compute']:.2f}" if dist else "")
+        L.append(f"| {row['payload_mb']} MB | {row['flashserve_mb_s']:.0f} | {raw} | {ratio} | "
+                 f"{row['server_compute_s'] * 1e3:.1f} | {excl} | {shm} |")
     return L
 
 
