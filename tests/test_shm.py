@@ -4,6 +4,8 @@ outside a region, and a region vanishing mid-call failing that call alone."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import grpc
 import pytest
@@ -611,10 +613,49 @@ def test_typed_views_of_a_mapping_are_its_bytes():
         region.close()
 
 
+def test_client_region_put_copies_large_tensors_through_numpy(monkeypatch):
+    """Past HELD_COPY_BYTES a CPU tensor's bytes go through numpy (the copy lets other threads run): same bytes."""
+    monkeypatch.setattr(client_shm, "HELD_COPY_BYTES", 1024)
+    region = client_shm.Region(1 << 16, memfd=True)
+    try:
+        t = torch.randn(300, 7).bfloat16()
+        region.put(t, 192)
+        assert torch.equal(region.view(192, t.dtype, t.shape), t)
+    finally:
+        region.close()
+
+
+def test_client_region_put_keeps_the_gil_beside_a_busy_thread():
+    """A 1 MB put beside a Python-busy thread takes about a memory copy's time: it releases the GIL nowhere, so it
+    never waits up to a switch interval (5 ms) to get it back (torch's copy_ took 13 ms there, numpy's 4-5 ms)."""
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            sum(range(1000))
+
+    region = client_shm.Region(2 << 20, memfd=True)
+    thread = threading.Thread(target=busy, daemon=True)
+    thread.start()
+    try:
+        t = torch.randn(512, 16, 64).bfloat16()
+        times = []
+        for _ in range(21):
+            t0 = time.perf_counter()
+            region.put(t, 64)
+            times.append(time.perf_counter() - t0)
+        assert sorted(times)[10] < 2e-3, times
+        assert torch.equal(region.view(64, t.dtype, t.shape), t)
+    finally:
+        stop.set()
+        thread.join()
+        region.close()
+
+
 def test_client_region_views_and_puts_are_its_bytes_and_idle_tracks_them():
-    """client Region.view (slices of cached bases) and put (numpy for small CPU tensors, torch otherwise) read and
-    write the region's bytes at any aligned offset; idle() is true exactly when no view is held, however many
-    bases are cached (the client reuses an output region only then)."""
+    """client Region.view (slices of cached bases) and put (byte copies of contiguous CPU tensors, torch's copy
+    otherwise) read and write the region's bytes at any aligned offset; idle() is true exactly when no view is held,
+    however many bases are cached (the client reuses an output region only then)."""
     region = client_shm.Region(1 << 16, memfd=True)
     try:
         raw = torch.frombuffer(bytearray(os.urandom(1 << 16)), dtype=torch.uint8)
@@ -628,12 +669,16 @@ def test_client_region_views_and_puts_are_its_bytes_and_idle_tracks_them():
             assert torch.equal(view.reshape(-1).view(torch.uint8), raw[offset:offset + nbytes])
         with pytest.raises(ValueError, match="outside region"):
             region.view(region.size - 16, torch.bfloat16, (2, 5, 2))
-        for t, offset in ((torch.tensor([0, 5, 9], dtype=torch.int32), 4),  # small: through numpy
-                          (torch.randn(40, 3).bfloat16(), 2),  # bfloat16: numpy has none, torch copies
-                          (torch.randn(5000, 4), 8),  # large: torch copies
-                          (torch.randn(6, 4).t(), 100)):  # non-contiguous source
-            region.put(t, offset)
-            assert torch.equal(region.view(offset, t.dtype, t.shape), t)
+        for t, offset in ((torch.tensor([0, 5, 9], dtype=torch.int32), 4),
+                          (torch.randn(40, 3).bfloat16(), 2),
+                          (torch.randn(5000, 4), 8),
+                          (torch.randn(5000, 4, requires_grad=True), 64),  # no detach needed for a byte copy
+                          (torch.randn(10, 6)[2:7], 256),  # a contiguous slice: its own bytes, not its base's
+                          (torch.randn(6, 4).t(), 100)):  # non-contiguous source: torch copies
+            assert region.put(t, offset) == t.numel() * t.element_size()
+            assert torch.equal(region.view(offset, t.dtype, t.shape), t.detach())
+        with pytest.raises(ValueError, match="outside region"):
+            region.put(torch.zeros(8), region.size - 16)
         del view
         assert region.idle()
         held = region.view(128, torch.float32, (4, 4))
