@@ -557,7 +557,11 @@ def _payload_markdown(r):
          "distinct raw, gRPC path and shm calls are taken in turn (medians per kind). "
          "Excl. compute: the median over calls of (round trip - that call's server compute time). "
          f"flashserve's gRPC path: chunks of about 1/16 of the payload, 1 MB to "
-         f"{r.get('chunk_bytes', 4 << 20) // 1024} KB (wire.chunk_size_for).", "",
+         f"{r.get('chunk_bytes', 4 << 20) // 1024} KB (wire.chunk_size_for). "
+         + (f"Heap (flashserve.heap): this client process keeps {r['heap']['client_keep_mb']} MB of freed memory "
+            f"(0: glibc's defaults), the flashserve server runs with --heap-keep-mb "
+            f"{r['heap']['server_keep_mb'] if r['heap']['server_keep_mb'] is not None else 'default (256)'}."
+            if "heap" in r else ""), "",
          "| payload up | flashserve gRPC MB/s | raw gRPC MB/s (one chunk / distinct) | ratio (to one chunk / distinct) | "
          "server compute ms | ratio excl. compute (one chunk / distinct) | shm MB/s | shm / gRPC chunks | "
          "same, excl. compute |",
@@ -648,6 +652,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="sizes up to 64 MB, fewer repeats and requests")
+    p.add_argument("--client-heap-keep-mb", type=int, default=256, help="this (client) process keeps freed heap "
+                   "memory for reuse, as `flashserve serve` does by default (flashserve.heap; applies to the raw and "
+                   "flashserve calls alike; 0: the allocator's defaults)")
+    p.add_argument("--server-heap-keep-mb", type=int, default=None, help="--heap-keep-mb of the flashserve server "
+                   "of the payload sweep (default: the server's default)")
     p.add_argument("--repeats", type=int, default=0, help="round trips per payload size and kind, taken in turn "
                    "(0: 9, or 5 with --quick); the medians are reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -681,13 +690,17 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="fsbench")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # the flash backend takes 16-bit
     extra = ["--max-concurrent", "256", "--device", args.device]
+    from flashserve.heap import keep_freed_memory
+
+    heap_kept = keep_freed_memory(args.client_heap_keep_mb << 20)
+    server_heap = [] if args.server_heap_keep_mb is None else ["--heap-keep-mb", str(args.server_heap_keep_mb)]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "device": args.device,
               "versions": {"flashserve": flashserve.__version__, "torch": torch.__version__,
                            "grpcio": grpc.__version__, "python": platform.python_version()},
               "command": "python bench/service.py " + " ".join(a for a in (argv or sys.argv[1:]))}
     if not args.batching_only:
-        fs = Proc(["--backend", "auto", "--allow-shm", *extra], tmp)
+        fs = Proc(["--backend", "auto", "--allow-shm", *extra, *server_heap], tmp)
         raw = Proc([], tmp, raw=True)
         try:
             with flashserve.Client(fs.target, timeout=60) as c:
@@ -695,6 +708,8 @@ def main(argv=None) -> int:
                 report["server"] = {"backend": info.backend, "device": info.device}
             print(f"1-2. payload sweep ({fs.target} vs raw {raw.target}, {info.backend} backend)", flush=True)
             report["repeats"] = repeats
+            report["heap"] = {"client_keep_mb": args.client_heap_keep_mb if heap_kept else 0,
+                              "server_keep_mb": args.server_heap_keep_mb}
             report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64, dtype=dtype,
                                               chunk_bytes=args.chunk_bytes)
             report["chunk_bytes"] = args.chunk_bytes or flashserve.wire.DEFAULT_CHUNK_BYTES

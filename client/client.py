@@ -17,6 +17,7 @@ import torch
 from flashserve.proto import attention_pb2 as pb
 from flashserve.proto import attention_pb2_grpc as pb_grpc
 
+from . import heap
 from . import shm as shm_transport
 from . import wire
 from .buffers import RecyclingPool
@@ -35,12 +36,17 @@ class Client:
     policy such as "round_robin" to spread calls over every address a `dns:///` target resolves to
     (e.g. a Kubernetes headless service). transport: "auto" (shared memory when the server allows it
     and runs on this host behind a loopback or unix: target, else gRPC byte chunks), "shm" (always
-    shared memory), "bytes" (always chunks) or "bytes-only" (chunks, and no server-side residuals)."""
+    shared memory), "bytes" (always chunks) or "bytes-only" (chunks, and no server-side residuals).
+    heap_keep_bytes: when > 0, this whole process keeps up to that much freed heap memory for reuse (glibc;
+    flashserve.heap): large tensors over gRPC chunks then reuse pages instead of faulting fresh ones in per call.
+    Off by default, since it changes the allocator of the caller's process."""
 
     def __init__(self, target: str, timeout: Optional[float] = None, token: Optional[str] = None,
                  tls: bool = False, root_certificates: Optional[bytes] = None, retries: int = 3,
                  chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES, max_message_bytes: int = 80 << 20,
-                 transport: str = "auto", load_balancing: Optional[str] = None):
+                 transport: str = "auto", load_balancing: Optional[str] = None, heap_keep_bytes: int = 0):
+        if heap_keep_bytes > 0:
+            heap.keep_freed_memory(heap_keep_bytes)
         self.target = target
         self.timeout = timeout
         self.retries = max(1, retries)

@@ -12,6 +12,10 @@ from .config import ServerConfig
 def cmd_serve(args) -> int:
     config = ServerConfig.from_args(args)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.heap_keep_mb > 0:  # this process is ours: tune its allocator for large messages (client/heap.py)
+        from flashserve.heap import keep_freed_memory
+
+        keep_freed_memory(config.heap_keep_mb << 20)
     if config.processes > 1 and config.frontends > 0:
         raise SystemExit("--frontends and --processes exclude each other: front ends already share the port")
     if config.processes > 1:

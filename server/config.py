@@ -25,6 +25,7 @@ class ServerConfig:
     workers: int = dataclasses.field(default=2, metadata={"help": "compute threads"})
     cpu_threads: int = dataclasses.field(default=0, metadata={"help": "torch threads per compute thread on a CPU backend (0: cores / workers)"})
     gil_switch_us: int = dataclasses.field(default=0, metadata={"help": "Python's GIL switch interval in microseconds (0: Python's 5000); shorter lets compute threads get the GIL back sooner from a busy event loop"})
+    heap_keep_mb: int = dataclasses.field(default=256, metadata={"help": "freed memory each heap of the process keeps for reuse, in MB (glibc): large messages then reuse pages instead of faulting fresh ones in on every transfer (0: the allocator's defaults)"})
     batch_tokens: int = dataclasses.field(default=32768, metadata={"help": "token budget of one batched launch (0: no batching)"})
     batch_delay_us: int = dataclasses.field(default=500, metadata={"help": "max time a request waits to be batched"})
     allow_shm: bool = dataclasses.field(default=False, metadata={"help": "accept same-host shared-memory tensors"})
