@@ -22,6 +22,12 @@ import service as svc  # noqa: E402 - bench/service.py: the servers and the payl
 MB = 1 << 20
 
 
+def page_faults(pid: int) -> int:
+    """Minor page faults of the process so far (every thread)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def thread_cpu(pid: int) -> dict:
     """CPU seconds so far per thread kind: the main (event-loop) thread, gRPC's core threads, the others."""
     out = {"event loop": 0.0, "gRPC core": 0.0, "other threads": 0.0}
@@ -75,16 +81,17 @@ def main() -> int:
                      "flashserve": (fs.proc.pid, lambda: client.forward(q, k, v, cu_q, cu_k, params)[0])}
             for name, (pid, call) in calls.items():
                 call()  # warm-up
-                before, compute = thread_cpu(pid), 0.0
+                before, faults, compute = thread_cpu(pid), page_faults(pid), 0.0
                 t0 = time.perf_counter()
                 for _ in range(args.calls):
                     reply = call()
                     compute += getattr(getattr(reply, "timings", None), "compute_s", 0.0)
                 wall = (time.perf_counter() - t0) / args.calls
-                after = thread_cpu(pid)
+                after, faults = thread_cpu(pid), page_faults(pid) - faults
                 cpu = ", ".join(f"{k} {(after[k] - before[k]) / args.calls * 1e3:.1f}" for k in after)
                 print(f"{name:10s}: {wall * 1e3:6.1f} ms per round trip (server compute {compute / args.calls * 1e3:.1f}"
-                      f" ms); server CPU ms per round trip: {cpu}", flush=True)
+                      f" ms); server CPU ms per round trip: {cpu}; page faults per round trip {faults / args.calls:.0f}",
+                      flush=True)
     finally:
         fs.stop()
         raw.stop()
