@@ -75,22 +75,25 @@ def main() -> int:
         rng = np.random.default_rng(0)
         chunks = [rng.bytes(svc.CHUNK) for _ in range(up // svc.CHUNK + 2)]
         opts = [("grpc.max_receive_message_length", 80 << 20), ("grpc.max_send_message_length", 80 << 20)]
-        with flashserve.Client(fs.target, timeout=600, transport="bytes") as client, \
+        with flashserve.Client(fs.target, timeout=600, transport="bytes",
+                               heap_keep_bytes=args.client_heap_keep_mb << 20) as client, \
                 grpc.insecure_channel(raw.target, options=opts) as channel:
             calls = {"raw gRPC": (raw.proc.pid, lambda: svc.raw_round_trip(channel, up, down, chunks, True)),
                      "flashserve": (fs.proc.pid, lambda: client.forward(q, k, v, cu_q, cu_k, params)[0])}
             for name, (pid, call) in calls.items():
                 call()  # warm-up
                 before, faults, compute = thread_cpu(pid), page_faults(pid), 0.0
+                own_faults = page_faults(os.getpid())
                 t0 = time.perf_counter()
                 for _ in range(args.calls):
                     reply = call()
                     compute += getattr(getattr(reply, "timings", None), "compute_s", 0.0)
                 wall = (time.perf_counter() - t0) / args.calls
                 after, faults = thread_cpu(pid), page_faults(pid) - faults
+                own_faults = page_faults(os.getpid()) - own_faults
                 cpu = ", ".join(f"{k} {(after[k] - before[k]) / args.calls * 1e3:.1f}" for k in after)
                 print(f"{name:10s}: {wall * 1e3:6.1f} ms per round trip (server compute {compute / args.calls * 1e3:.1f}"
-                      f" ms); server CPU ms per round trip: {cpu}; page faults per round trip {faults / args.calls:.0f}",
+                      f" ms); server CPU ms per round trip: {cpu}; page faults per round trip {faults / args.calls:.0f} (client {own_faults / args.calls:.0f})",
                       flush=True)
     finally:
         fs.stop()

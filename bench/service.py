@@ -221,7 +221,8 @@ def forward_inputs(up_bytes: int, dtype=torch.float32):
     return q, k, v, torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, 16], dtype=torch.int32)
 
 
-def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=torch.float32, chunk_bytes=None):
+def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=torch.float32, chunk_bytes=None,
+                  heap_keep_bytes=256 << 20):
     import flashserve
     from flashserve.autograd import make_params
 
@@ -235,7 +236,7 @@ def payload_sweep(fs_target, raw_target, sizes_mb, repeats, shm_from_mb, dtype=t
     opts = [("grpc.max_receive_message_length", 80 << 20), ("grpc.max_send_message_length", 80 << 20)]
     from flashserve import wire
 
-    with flashserve.Client(fs_target, timeout=600, transport="bytes",
+    with flashserve.Client(fs_target, timeout=600, transport="bytes", heap_keep_bytes=heap_keep_bytes,
                            chunk_bytes=chunk_bytes or wire.DEFAULT_CHUNK_BYTES) as cb, \
             flashserve.Client(fs_target, timeout=600, transport="shm") as cs, \
             grpc.insecure_channel(raw_target, options=opts) as raw:
@@ -653,8 +654,8 @@ def main(argv=None) -> int:
     p.add_argument("--raw-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="sizes up to 64 MB, fewer repeats and requests")
     p.add_argument("--client-heap-keep-mb", type=int, default=256, help="this (client) process keeps freed heap "
-                   "memory for reuse, as `flashserve serve` does by default (flashserve.heap; applies to the raw and "
-                   "flashserve calls alike; 0: the allocator's defaults)")
+                   "memory for reuse from the start, as a flashserve Client does from its first large gRPC-chunk call "
+                   "(flashserve.heap; the raw and flashserve calls alike; 0: the allocator's defaults throughout)")
     p.add_argument("--server-heap-keep-mb", type=int, default=None, help="--heap-keep-mb of the flashserve server "
                    "of the payload sweep (default: the server's default)")
     p.add_argument("--repeats", type=int, default=0, help="round trips per payload size and kind, taken in turn "
@@ -711,7 +712,8 @@ def main(argv=None) -> int:
             report["heap"] = {"client_keep_mb": args.client_heap_keep_mb if heap_kept else 0,
                               "server_keep_mb": args.server_heap_keep_mb}
             report["payload"] = payload_sweep(fs.target, raw.target, sizes, repeats, shm_from_mb=64, dtype=dtype,
-                                              chunk_bytes=args.chunk_bytes)
+                                              chunk_bytes=args.chunk_bytes,
+                                              heap_keep_bytes=args.client_heap_keep_mb << 20)
             report["chunk_bytes"] = args.chunk_bytes or flashserve.wire.DEFAULT_CHUNK_BYTES
             print("4. residual wire bytes", flush=True)
             report["residuals"] = residual_bytes(fs.target)

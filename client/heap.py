@@ -5,11 +5,12 @@ A gRPC chunk is a new `bytes` object of up to a few MB each time (decoded on rec
 such sizes from fresh mmap()s or returns the heap's free top to the system once it passes a small threshold, so
 every transfer touches new pages: the kernel zeroes each one and faults it in, about a page fault per 4 KB. On the
 2-core CPU machine a 64 MB forward round trip over the gRPC chunk path spent 10-15 ms of its server's event-loop CPU
-that way (bench/results/service_cuda_2026-12-04_h200_session10.md); with the settings below the freed chunks are
+that way (bench/results/wire_heap_2026-12-04_cpu_session10.md); with the settings below the freed chunks are
 reused instead. The cost: up to `keep_bytes` of freed memory per heap stays with the process.
 
-The server applies this at start (`--heap-keep-mb`); a client process opts in (Client(heap_keep_bytes=...)), since
-the settings hold for the whole process. Elsewhere than glibc (musl, macOS) nothing changes."""
+The server applies this at start (`--heap-keep-mb`); a Client from its first call that sends 16 MB or more over gRPC
+chunks (Client(heap_keep_bytes=0) leaves the process alone: the settings hold for the whole process). Elsewhere than
+glibc (musl, macOS) nothing changes."""
 from __future__ import annotations
 
 import ctypes

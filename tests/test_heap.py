@@ -1,5 +1,6 @@
 """flashserve.heap: once a process keeps freed memory, large message buffers reuse its pages instead of faulting
-fresh ones in on every transfer; `flashserve serve` applies it at start (--heap-keep-mb), a Client only when asked."""
+fresh ones in on every transfer; `flashserve serve` applies it at start (--heap-keep-mb), a Client from its first
+call that sends a large payload over gRPC chunks (unless heap_keep_bytes=0)."""
 from __future__ import annotations
 
 import subprocess
@@ -44,7 +45,7 @@ def test_keep_freed_memory_is_idempotent_and_off_at_zero():
     assert flashserve.heap.keep_freed_memory(32 << 20) is True  # already in force (a larger one)
 
 
-def test_serve_applies_it_at_start_and_a_client_only_when_asked(monkeypatch):
+def test_serve_applies_it_at_start_and_a_client_once_it_moves_large_payloads(monkeypatch):
     calls = []
     monkeypatch.setattr(flashserve.heap, "keep_freed_memory", lambda n: calls.append(n) or True)
 
@@ -58,7 +59,13 @@ def test_serve_applies_it_at_start_and_a_client_only_when_asked(monkeypatch):
     assert calls == [256 << 20]
     assert cli.cmd_serve(parser.parse_args(["serve", "--heap-keep-mb", "0"])) == 0
     assert calls == [256 << 20]
-    flashserve.Client("127.0.0.1:1").close()
+    client = flashserve.Client("127.0.0.1:1")  # (no connection is made until a call)
+    client._keep_heap_for(1 << 20)  # a small payload: the process's allocator is left alone
     assert calls == [256 << 20]
-    flashserve.Client("127.0.0.1:1", heap_keep_bytes=1 << 20).close()
-    assert calls == [256 << 20, 1 << 20]
+    client._keep_heap_for(64 << 20)  # a large one over gRPC chunks: keep freed memory
+    assert calls == [256 << 20, 256 << 20]
+    client.close()
+    client = flashserve.Client("127.0.0.1:1", heap_keep_bytes=0)
+    client._keep_heap_for(64 << 20)
+    assert calls == [256 << 20, 256 << 20]
+    client.close()
