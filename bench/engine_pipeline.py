@@ -11,6 +11,9 @@ messages to and from the front ends, and shared-memory regions per client. Left 
 themselves (buffers on the meta device, copies and stream waits as no-ops, the kernel returns empty tensors).
 `--real` (on a GPU): nothing stubbed, the backend `serve` would pick: the GPU process as it serves, with only the
 gRPC front ends and the clients stood in for (so what it reaches is that process's own ceiling).
+`--serve N --port P`: the whole service instead (`serve --frontends N` with the stubbed CUDA path), for
+`flashserve bench 127.0.0.1:P --transport shm ...` to load: where clients and front ends spend their time, on any
+machine (bench/results/service_cuda_2026-12-04_h200_session10.md, its CPU section).
 
 A driver process stands in for the front ends: `--connections` sockets to the engine, `--clients` requests kept
 in flight (each client with its own input and output memfd regions, as the load generator's clients have), each
@@ -116,6 +119,42 @@ def engine_main(path: str, batching: bool, workers: int, real: bool) -> None:
         print(json.dumps(service.scheduler.stats.snapshot()), flush=True)
 
     asyncio.run(serve())
+
+
+def serve_stub(frontends: int, port: int, batching: bool, workers: int) -> int:
+    """`serve --frontends N` for real (gRPC front-end processes, the engine, the scheduler) with this file's stubbed
+    CUDA path as its backend: the whole service on any machine, for `flashserve bench` to load. Runs until
+    SIGINT / SIGTERM."""
+    import signal
+
+    from flashserve.server import app
+    from flashserve.server import scheduler as scheduler_module
+    from flashserve.server.config import ServerConfig
+    from flashserve.server.shm import HostPinner, ShmTransport
+
+    _stub_cuda(scheduler_module)
+    build_service = app.build_service
+
+    def build_stub_service(config, backend, engine=None):  # the engine's: a CUDA server's shared memory, stood in
+        service = build_service(config, backend, engine)
+        if engine is None:
+            service.shm = ShmTransport(None, HostPinner(1 << 40, register=lambda a, s: True,
+                                                        unregister=lambda a, s: None))
+            service.pool = None
+        return service
+
+    app.build_service = build_stub_service
+    flags = dict(batch_tokens=32768, batch_delay_us=500) if batching else dict(batch_tokens=0)
+    cfg = ServerConfig(allow_shm=True, backend="torch", device="cpu", frontends=frontends, port=port,
+                       workers=workers, max_concurrent=256, **flags)
+
+    async def run():
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        return await app.serve_engine(cfg, _MetaBackend(), stop)
+
+    return asyncio.run(run())
 
 
 # ---- the driver (front ends and clients) ------------------------------------------------------------
@@ -229,6 +268,10 @@ def main() -> int:
     p.add_argument("--verbose", action="store_true", help="print each engine's scheduler counters")
     p.add_argument("--pyspy", metavar="FILE", help="py-spy (GIL holders, by thread) of the batching-on engine's "
                    "first timed round, raw format, into FILE")
+    p.add_argument("--serve", type=int, metavar="N", default=0, help="instead: run `serve --frontends N` with the "
+                   "stubbed CUDA path as its backend on --port, until interrupted (for `flashserve bench`)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--no-batching", action="store_true", help="with --serve: one request per launch")
     p.add_argument("--engine", nargs=2, metavar=("PATH", "BATCHING"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.engine:
@@ -247,6 +290,8 @@ def main() -> int:
             engine_main(path, batching, args.workers, args.real)
         return 0
 
+    if args.serve:
+        return serve_stub(args.serve, args.port, not args.no_batching, args.workers)
     tmp = tempfile.mkdtemp(prefix="engine-pipeline-")
     env = dict(os.environ, ENGINE_PIPELINE_PROFILE="1" if args.profile else "")
     engines = {}
