@@ -5,7 +5,9 @@
 #   FLASHSERVE_HEADDIMS=64,128 FLASHSERVE_DTYPES=bf16 FLASHSERVE_ARCHS=90a scripts/gpu_check.sh   # dev build
 #   GPU_CHECK_BENCH=quick|full|none  GPU_CHECK_BENCH_ARGS="--ops fwd" (extra bench/kernels.py args)
 #   GPU_CHECK_TESTS="tests/gpu" (pytest args)  GPU_CHECK_SKIP_BUILD=1
-#   GPU_CHECK_DEMO=1|0 (flashserve demo on the flash backend)  GPU_CHECK_SERVICE=none|quick|full (bench/service.py)
+#   GPU_CHECK_DEMO=1|0 (flashserve demo on the flash backend)
+#   GPU_CHECK_SERVICE=none|quick|full|wire|batching (bench/service.py; batching: the on/off pair with
+#   GPU_CHECK_SERVER_ARGS, default "--frontends 4", then bench/engine_pipeline.py --real)
 #
 # The machine lacks grpcio's health/reflection packages: run scripts/fetch_device_wheels.sh here first
 # and carry .device_wheels with the call; they are installed below.
@@ -62,6 +64,12 @@ esac
 case "${GPU_CHECK_SERVICE:-none}" in
   none) ;;
   quick) python3 bench/service.py --quick --device cuda --out "$OUT_DIR" >"$OUT_DIR/service.out" 2>&1 || status=1 ;;
+  wire) python3 bench/service.py --device cuda --skip-batching --sizes 16,32,64,128,256 --out "$OUT_DIR" \
+          >"$OUT_DIR/service.out" 2>&1 || status=1 ;;
+  batching)  # the full-service pair, then the GPU process alone (bench/engine_pipeline.py --real)
+    python3 bench/service.py --device cuda --batching-only --server-args "${GPU_CHECK_SERVER_ARGS:---frontends 4}" \
+      --out "$OUT_DIR" >"$OUT_DIR/service.out" 2>&1 || status=1
+    python3 bench/engine_pipeline.py --real --seconds 4 --rounds 2 >>"$OUT_DIR/service.out" 2>&1 || status=1 ;;
   *) python3 bench/service.py --device cuda --out "$OUT_DIR" >"$OUT_DIR/service.out" 2>&1 || status=1 ;;
 esac
 [ -s "$OUT_DIR/service.out" ] && tail -45 "$OUT_DIR/service.out"
