@@ -22,7 +22,7 @@ Messages are length-prefixed pickles on a socket in a private (0700) directory: 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import ctypes
 import itertools
 import logging
 import os
@@ -47,7 +47,17 @@ _LEN = struct.Struct("<Q")
 
 
 def tensor_to_wire(t: torch.Tensor) -> tuple:
-    return TORCH_TO_PROTO[t.dtype], tuple(t.shape), bytearray(byte_view(t))
+    n = t.numel() * t.element_size()
+    if n and t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous() and not t.dtype.is_complex:
+        raw = bytearray((ctypes.c_ubyte * n).from_address(t.data_ptr()))  # one copy, no torch op (t is alive)
+    else:
+        raw = bytearray(byte_view(t))
+    return TORCH_TO_PROTO[t.dtype], tuple(t.shape), raw
+
+
+def _values(obj) -> tuple:
+    """A dataclass instance's field values in order (dataclasses.astuple deep-copies each one)."""
+    return tuple(vars(obj).values())
 
 
 def tensor_from_wire(value: tuple) -> torch.Tensor:
@@ -263,8 +273,8 @@ def run_payload(operation: int, header: pb.Header, tensors, shapes, params, larg
     """A validated request as the engine's "run" message. Shapes and parameters travel as plain tuples (cheaper
     to unpickle); nbytes is counted here (the engine's admission check then reads no descriptors)."""
     return dict(op=operation, header=header.SerializeToString(),
-                shapes=None if shapes is None else (*dataclasses.astuple(shapes)[:-1], TORCH_TO_PROTO[shapes.dtype]),
-                params=None if params is None else dataclasses.astuple(params),
+                shapes=None if shapes is None else (*_values(shapes)[:-1], TORCH_TO_PROTO[shapes.dtype]),
+                params=None if params is None else _values(params),
                 tensors={name: tensor_to_wire(t) for name, t in tensors.items()}, large=sorted(large),
                 remaining=remaining, received_s=received_s, in_flight=in_flight,
                 nbytes=sum(d.nbytes for d in header.tensors))

@@ -250,3 +250,22 @@ def test_engine_pipeline_tool_serves_both_settings(tmp_path):
     assert off["launches_per_request"] == 1.0
     assert on["launches_per_request"] < 0.9  # 8 requests in flight, compute stubbed: batches form
     assert on["engine_cpu_ms_per_request"] > 0
+
+
+def test_engine_messages_carry_tensors_shapes_and_params_unchanged():
+    """What a front end hands the engine by value round-trips exactly: small tensors of any layout (copied as bytes
+    when contiguous on the CPU, through torch otherwise) and the shapes and parameters as plain tuples."""
+    import dataclasses
+
+    from flashserve.server.backends.base import AttentionParams
+    from flashserve.server.engine import _values, tensor_from_wire, tensor_to_wire
+    from flashserve.server.validation import Shapes
+
+    for t in (torch.tensor([0, 5, 9], dtype=torch.int32), torch.randn(3, 4)[1:], torch.randn(4, 3).t(),
+              torch.empty(0, dtype=torch.int32), torch.randn(2, 3).bfloat16(), torch.randn(5, dtype=torch.float64)):
+        back = tensor_from_wire(tensor_to_wire(t))
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+    shapes = Shapes(1, 2, 3, 4, 5, 6, torch.bfloat16)
+    params = AttentionParams(0.5, True, 3, 0, 1.5, 0.1, 7, 8, True, 9, 10)
+    assert _values(shapes) == dataclasses.astuple(shapes)
+    assert AttentionParams(*_values(params)) == params
