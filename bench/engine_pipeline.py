@@ -35,9 +35,10 @@ from typing import List
 import torch
 
 from flashserve import shm as client_shm
-from flashserve import wire
-from flashserve.proto import attention_pb2 as pb
-from flashserve.server.engine import Engine, _Messages, run_payload
+from flashserve.server.engine import Engine, _Messages
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine_requests import make_payload, stand_in_pinner  # noqa: E402 - bench/engine_requests.py
 
 
 # ---- the engine process --------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def engine_main(path: str, batching: bool, workers: int, real: bool) -> None:
     from flashserve.server.app import build_service
     from flashserve.server.backends import create_backend
     from flashserve.server.config import ServerConfig
-    from flashserve.server.shm import HostPinner, ShmTransport
+    from flashserve.server.shm import ShmTransport
 
     flags = dict(batch_tokens=32768, batch_delay_us=500) if batching else dict(batch_tokens=0)
     if real:  # the GPU process as `serve --frontends N --allow-shm` builds it
@@ -106,8 +107,7 @@ def engine_main(path: str, batching: bool, workers: int, real: bool) -> None:
         cfg = ServerConfig(allow_shm=True, backend="torch", device="cpu", workers=workers, **flags)
         service = build_service(cfg, _MetaBackend())
         # a CUDA server's shared memory: regions page-locked (a stand-in registrar), inputs borrowed, outputs placed
-        service.shm = ShmTransport(None, HostPinner(1 << 40, register=lambda a, s: True,
-                                                    unregister=lambda a, s: None))
+        service.shm = ShmTransport(None, stand_in_pinner())
         service.pool = None
 
     async def serve():
@@ -130,7 +130,7 @@ def serve_stub(frontends: int, port: int, batching: bool, workers: int) -> int:
     from flashserve.server import app
     from flashserve.server import scheduler as scheduler_module
     from flashserve.server.config import ServerConfig
-    from flashserve.server.shm import HostPinner, ShmTransport
+    from flashserve.server.shm import ShmTransport
 
     _stub_cuda(scheduler_module)
     build_service = app.build_service
@@ -138,8 +138,7 @@ def serve_stub(frontends: int, port: int, batching: bool, workers: int) -> int:
     def build_stub_service(config, backend, engine=None):  # the engine's: a CUDA server's shared memory, stood in
         service = build_service(config, backend, engine)
         if engine is None:
-            service.shm = ShmTransport(None, HostPinner(1 << 40, register=lambda a, s: True,
-                                                        unregister=lambda a, s: None))
+            service.shm = ShmTransport(None, stand_in_pinner())
             service.pool = None
         return service
 
@@ -163,27 +162,10 @@ def client_payloads(clients: int, regions: List[tuple]) -> List[dict]:
     from flashserve.server.app import build_service
     from flashserve.server.backends.torch_backend import TorchBackend
     from flashserve.server.config import ServerConfig
-    from flashserve.server.validation import attention_params, check_header
 
     cfg = ServerConfig(allow_shm=True, backend="torch", device="cpu")
     service = build_service(cfg, TorchBackend("cpu"))
-    q = torch.randn(512, 16, 64).bfloat16()
-    cu = torch.tensor([0, 512], dtype=torch.int32)
-    named = [("q", q), ("k", q), ("v", q), ("cu_seqlens_q", cu), ("cu_seqlens_k", cu)]
-    payloads = []
-    for inputs, outputs in regions[:clients]:
-        header = pb.Header(operation=pb.FORWARD, params=pb.AttentionParams(max_seqlen_q=512, max_seqlen_k=512),
-                           tensors=[wire.describe(n, t) for n, t in named])
-        pos = 0
-        for d, (_, t) in zip(header.tensors, named):
-            d.shm.region, d.shm.offset = inputs.name, pos
-            pos += client_shm.align(inputs.put(t, pos))
-        header.output_region = outputs.name
-        shapes = check_header(header, pb.FORWARD, service.caps, cfg, False)
-        params = attention_params(header, 64, service.caps, pb.FORWARD)
-        small = {"cu_seqlens_q": cu, "cu_seqlens_k": cu}
-        payloads.append(run_payload(pb.FORWARD, header, small, shapes, params, {"q", "k", "v"}, 0.0, None, 1))
-    return payloads
+    return [make_payload(cfg, service, pair) for pair in regions[:clients]]
 
 
 async def drive(path: str, payloads: List[dict], connections: int, seconds: float, warmup: float,

@@ -34,6 +34,11 @@ from flashserve.server.shm import HostPinner
 from flashserve.server.validation import attention_params, check_header
 
 
+def stand_in_pinner() -> HostPinner:
+    """A CUDA server's page-locking of client regions, without a GPU: every region counts as pinned."""
+    return HostPinner(1 << 40, register=lambda addr, size: True, unregister=lambda addr, size: None)
+
+
 def make_engine(cuda_like: bool = True):
     """An engine whose launch is stubbed. cuda_like: the shared-memory path of a CUDA server (regions "page-locked"
     by a stand-in registrar, inputs borrowed, outputs placed where the GPU's direct copy would put them; the
@@ -41,7 +46,7 @@ def make_engine(cuda_like: bool = True):
     cfg = ServerConfig(allow_shm=True, backend="torch", device="cpu")
     service = build_service(cfg, TorchBackend("cpu"))
     if cuda_like:
-        service.shm.pinner = HostPinner(1 << 40, register=lambda addr, size: True, unregister=lambda addr, size: None)
+        service.shm.pinner = stand_in_pinner()
         service.pool = None  # a CUDA server has no receive-buffer pool: page-locked borrowing instead
     lse = torch.zeros(16, 512)
 

@@ -21,7 +21,6 @@ is loopback or a unix: socket, and the server reports this host's hostname."""
 from __future__ import annotations
 
 import atexit
-import ctypes
 import fcntl
 import math
 import mmap
@@ -37,6 +36,7 @@ import torch
 
 from . import cuda_host
 from .buffers import storage_use_count
+from .wire import host_bytes
 
 SHM_DIR = "/dev/shm"
 PREFIX = "flashserve_"
@@ -209,12 +209,10 @@ class Region:
         """Copy tensor (any device, any layout) to offset; returns its byte size. A contiguous CPU tensor is copied
         as bytes, with no torch op (see HELD_COPY_BYTES); anything else with torch's copy."""
         n = tensor.numel() * tensor.element_size()
-        # (dtype.is_complex, not is_conj() / is_neg(): those ops release the GIL; only complex views carry the bits)
-        if n and tensor.device.type == "cpu" and tensor.layout == torch.strided and not tensor.dtype.is_complex \
-                and tensor.is_contiguous():
+        src = host_bytes(tensor)
+        if src is not None:
             if offset < 0 or offset + n > self.size:
                 raise ValueError(f"slice [{offset}, {offset + n}) outside region {self.name} of {self.size} bytes")
-            src = memoryview((ctypes.c_ubyte * n).from_address(tensor.data_ptr())).cast("B")  # tensor stays alive
             if n <= HELD_COPY_BYTES:
                 self._mem[offset:offset + n] = src
             else:

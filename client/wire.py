@@ -8,6 +8,7 @@ tensor's storage is sent as it lies in memory.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import queue
 import sys
@@ -68,6 +69,18 @@ def expected_nbytes(desc: pb.TensorDesc) -> int:
     if shape and min(shape) < 0:
         raise WireError(f"tensor '{desc.name}': negative dimension in shape {shape}", desc.name)
     return math.prod(shape) * ITEMSIZE[desc.dtype]
+
+
+def host_bytes(tensor: torch.Tensor) -> Optional[memoryview]:
+    """The bytes of a non-empty contiguous CPU tensor as a flat memoryview, made with no torch op (torch ops release
+    the GIL and wait to take it back, client/shm.py HELD_COPY_BYTES); None for any other tensor. The view does not
+    keep the tensor alive: use it while the caller holds the tensor. (dtype.is_complex, not is_conj() / is_neg():
+    those ops release the GIL too, and only complex views carry those bits.)"""
+    n = tensor.numel() * tensor.element_size()
+    if not n or tensor.device.type != "cpu" or tensor.layout != torch.strided or tensor.dtype.is_complex \
+            or not tensor.is_contiguous():
+        return None
+    return memoryview((ctypes.c_ubyte * n).from_address(tensor.data_ptr())).cast("B")
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

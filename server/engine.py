@@ -22,7 +22,6 @@ Messages are length-prefixed pickles on a socket in a private (0700) directory: 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
 import logging
 import os
@@ -34,7 +33,7 @@ import grpc
 import torch
 
 from flashserve.proto import attention_pb2 as pb
-from flashserve.wire import PROTO_TO_TORCH, TORCH_TO_PROTO, WireError, byte_view
+from flashserve.wire import PROTO_TO_TORCH, TORCH_TO_PROTO, WireError, byte_view, host_bytes
 
 from .backends.base import AttentionParams, Capabilities
 from .service import AttentionService, CallResources
@@ -47,12 +46,8 @@ _LEN = struct.Struct("<Q")
 
 
 def tensor_to_wire(t: torch.Tensor) -> tuple:
-    n = t.numel() * t.element_size()
-    if n and t.device.type == "cpu" and t.layout == torch.strided and t.is_contiguous() and not t.dtype.is_complex:
-        raw = bytearray((ctypes.c_ubyte * n).from_address(t.data_ptr()))  # one copy, no torch op (t is alive)
-    else:
-        raw = bytearray(byte_view(t))
-    return TORCH_TO_PROTO[t.dtype], tuple(t.shape), raw
+    raw = host_bytes(t)  # (no torch op where it can)
+    return TORCH_TO_PROTO[t.dtype], tuple(t.shape), bytearray(raw if raw is not None else byte_view(t))
 
 
 def _values(obj) -> tuple:
