@@ -154,8 +154,15 @@ def run_level(make_client, workload: Workload, concurrency: int, duration: float
 
 
 def measure(make_client, workload: Workload, concurrency: int, duration: float, count: int = 0,
-            warmup: int = 1, progress=None) -> Dict[str, object]:
-    """Run `concurrency` client threads in this process; the raw samples (see summarize)."""
+            warmup: int = 1, progress=None, group=None) -> Dict[str, object]:
+    """Run `concurrency` client threads in this process; the raw samples (see summarize).
+
+    `group` = (barrier, issued) when this is one of several processes of a level: the barrier (one party per
+    process) holds every process's clock until all of them have their clients connected and warmed up, and the
+    shared `issued` counter (a multiprocessing.Value) makes `count` a total over the processes, so that every
+    client keeps sending until the level's last request instead of a process stopping at a fixed share. Without
+    both, processes that start or finish at different times leave clients idle inside the measured window
+    (seen on the GPU host: 8 processes, clients busy 38% of it)."""
     import grpc
 
     from flashserve.errors import RemoteError
@@ -178,7 +185,28 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
             pass
     time_limit = duration * 10 if count else duration
     start = [0.0]
-    ready = threading.Barrier(concurrency + 1, action=lambda: start.__setitem__(0, time.perf_counter()))
+    group_barrier, shared_issued = group if group is not None else (None, None)
+
+    def start_clock():
+        if group_barrier is not None:  # every process ready: the clocks start together
+            group_barrier.wait(GROUP_START_TIMEOUT_S)
+        start[0] = time.perf_counter()
+
+    def take_request() -> bool:
+        """Claim one of the level's `count` requests (always True without a count)."""
+        if shared_issued is not None:
+            with shared_issued.get_lock():
+                if count and shared_issued.value >= count:
+                    return False
+                shared_issued.value += 1
+            return True
+        with lock:
+            if count and issued[0] >= count:
+                return False
+            issued[0] += 1
+        return True
+
+    ready = threading.Barrier(concurrency + 1, action=start_clock)
 
     def worker(i: int):
         # One torch CPU thread per client thread: the clients' copies into shared memory are small and there are
@@ -195,12 +223,8 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
         ready.wait()
         while True:
             now = time.perf_counter()
-            if now - start[0] >= time_limit:
+            if now - start[0] >= time_limit or not take_request():
                 return
-            with lock:
-                if count and issued[0] >= count:
-                    return
-                issued[0] += 1
             t0 = time.perf_counter()
             try:
                 info = workload.step(c, keep[i])
@@ -290,11 +314,27 @@ def _client_factory(target: str, transport: str, client_kwargs):
     return functools.partial(flashserve.Client, target, transport=transport, **client_kwargs)
 
 
+# How long the processes of a level wait for each other to be ready (clients connected, warm-up done).
+GROUP_START_TIMEOUT_S = 300.0
+_group = None  # this worker process's (barrier, issued counter), set by the pool's initializer
+
+
+def _join_group(barrier, issued) -> None:
+    global _group
+    _group = (barrier, issued)
+
+
 def _process_level(job) -> Dict[str, object]:
     """Worker process entry: rebuild the workload, run this process's share of the clients."""
     target, transport, client_kwargs, workload_kwargs, concurrency, duration, count, warmup = job
-    workload = Workload(**workload_kwargs)
-    return measure(_client_factory(target, transport, client_kwargs), workload, concurrency, duration, count, warmup)
+    try:
+        workload = Workload(**workload_kwargs)
+        return measure(_client_factory(target, transport, client_kwargs), workload, concurrency, duration, count,
+                       warmup, group=_group)
+    except BaseException:
+        if _group is not None:  # the others stop waiting for this process at once
+            _group[0].abort()
+        raise
 
 
 def _shares(total: int, parts: int) -> List[int]:
@@ -302,15 +342,18 @@ def _shares(total: int, parts: int) -> List[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def run_level_processes(pool, target, transport, client_kwargs, workload: Workload, concurrency: int, processes: int,
+def run_level_processes(target, transport, client_kwargs, workload: Workload, concurrency: int, processes: int,
                         duration: float, count: int, warmup: int) -> Dict[str, object]:
     """One level with its clients spread over worker processes (a Python client process is bound by its GIL
-    long before a server is: several processes measure the server, not the load generator)."""
+    long before a server is: several processes measure the server, not the load generator). The processes
+    start their clocks together and share the request count (see measure)."""
     threads = _shares(concurrency, processes)
-    counts = _shares(count, len(threads)) if count else [0] * len(threads)
-    jobs = [(target, transport, client_kwargs, workload.kwargs, t, duration, n, warmup)
-            for t, n in zip(threads, counts) if not count or n > 0]
-    return summarize(pool.map(_process_level, jobs), concurrency, workload.tokens)
+    jobs = [(target, transport, client_kwargs, workload.kwargs, t, duration, count, warmup) for t in threads]
+    ctx = multiprocessing.get_context("spawn")
+    # One process per job, and chunksize 1: a process blocked at the barrier takes no second job.
+    with ctx.Pool(len(jobs), initializer=_join_group, initargs=(ctx.Barrier(len(jobs)), ctx.Value("q", 0))) as pool:
+        samples = pool.map(_process_level, jobs, chunksize=1)
+    return summarize(samples, concurrency, workload.tokens)
 
 
 def run_sweep(target: str, workload: Workload, levels: List[int], duration: float = 10.0, count: int = 0,
@@ -329,25 +372,19 @@ def run_sweep(target: str, workload: Workload, levels: List[int], duration: floa
 
         total = count * len(levels) if count else None
         bar = tqdm(total=total, unit="req", desc="flashserve bench", file=sys.stderr, dynamic_ncols=True)
-    pool = None
-    if processes > 1:
-        pool = multiprocessing.get_context("spawn").Pool(processes)
     try:
         for c in levels:
             if bar is not None:
                 bar.set_postfix_str(f"concurrency {c}")
-            if pool is None:
+            if processes <= 1:
                 results.append(run_level(make_client, workload, c, duration, count, warmup,
                                          bar.update if bar is not None else None))
             else:
-                results.append(run_level_processes(pool, target, transport, client_kwargs, workload, c, processes,
+                results.append(run_level_processes(target, transport, client_kwargs, workload, c, processes,
                                                    duration, count, warmup))
                 if bar is not None:
                     bar.update(results[-1]["requests"] + results[-1]["error_count"])
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         if bar is not None:
             bar.close()
     return {

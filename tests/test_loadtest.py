@@ -96,6 +96,58 @@ def test_clients_spread_over_processes(bench_server, tmp_path):
     assert report["levels"][0]["requests"] == 10  # 5 + 5 from the two processes, merged
 
 
+def test_processes_of_a_level_start_together_and_share_the_count(bench_server):
+    """Two measure() runs as the processes of one level (threads here, with the same group objects): the one
+    that is ready later holds the other's clock back, and the count is a total over both, not a share each."""
+    import multiprocessing
+    import threading
+    import time
+
+    import flashserve
+    from flashserve.server import loadtest
+
+    workload = loadtest.Workload(tokens=64, heads=2, head_dim=16, dtype="float32")
+    group = (threading.Barrier(2), multiprocessing.Value("q", 0))
+    samples = [None, None]
+
+    def run(i, delay):
+        time.sleep(delay)  # a process that takes longer to start
+        samples[i] = loadtest.measure(lambda: flashserve.Client(bench_server.target), workload, 2 - i, 30,
+                                      count=12, warmup=1, group=group)
+
+    threads = [threading.Thread(target=run, args=(0, 0.0)), threading.Thread(target=run, args=(1, 0.6))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert abs(samples[0]["start"] - samples[1]["start"]) < 0.1  # not 0.6 s apart
+    assert len(samples[0]["latencies"]) + len(samples[1]["latencies"]) == 12
+    report = loadtest.summarize(samples, 3, 64)
+    assert report["requests"] == 12 and report["duration_s"] < 10
+
+
+def test_a_process_that_fails_to_start_releases_the_others_at_once():
+    import multiprocessing
+    import threading
+    import time
+
+    from flashserve.server import loadtest
+
+    barrier = threading.Barrier(2)
+    loadtest._join_group(barrier, multiprocessing.Value("q", 0))
+    try:
+        t0 = time.perf_counter()
+        waiter = threading.Thread(target=lambda: pytest.raises(threading.BrokenBarrierError, barrier.wait, 60))
+        waiter.start()
+        with pytest.raises(Exception):  # a workload it cannot build: this "process" fails before the barrier
+            loadtest._process_level(("127.0.0.1:1", "bytes", {}, dict(dtype="no-such-dtype"), 1, 1.0, 1, 1))
+        waiter.join(30)
+        assert not waiter.is_alive() and time.perf_counter() - t0 < 30
+    finally:
+        loadtest._join_group(None, None)
+        loadtest._group = None
+
+
 def test_client_threads_use_one_torch_thread_and_the_caller_keeps_its_own(bench_server, monkeypatch):
     import threading
 
