@@ -21,6 +21,7 @@ is loopback or a unix: socket, and the server reports this host's hostname."""
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import fcntl
 import math
 import mmap
@@ -44,13 +45,36 @@ ALIGN = 64
 MIN_REGION = 1 << 20
 MAX_VIEW_BASES = 64  # RowViews' cached bases per mapping (a varlen mix of lse shapes stays well below)
 # Region.put copies a contiguous CPU tensor up to this size holding the GIL (a memory copy, no torch op); larger
-# ones through numpy, which lets other threads run during the copy. Why: a torch copy_ (and detach) releases the
+# ones with copy_bytes (numpy on a few threads, which lets other threads run during the copy). Why: a torch copy_ (and detach) releases the
 # GIL and takes it back, once or more in the middle of the op (torch keeps the Python object of a tensor alive
 # from C++ under the GIL); beside busy threads each take waits up to the switch interval (5 ms). Measured beside
 # one Python-busy thread, 1 MB bf16: copy_ 12.8-13.4 ms, numpy 3.7-5.3 ms, this copy 0.04 ms; in a load
 # generator's client process those waits were most of its samples (py-spy --native).
 HELD_COPY_BYTES = 16 << 20
 MEMFD_PREFIX = PREFIX + "fd_"
+
+# Large copies into and out of mapped regions are split over a few threads (numpy releases the GIL): one thread
+# moves ~6 GB/s, and the client's 64-256 MB puts ran at 0.6x the speed of torch's multithreaded copy_ (H200 host,
+# shm round trips 10.7 -> 6.4 GB/s at 64 MB). numpy rather than torch: a torch copy on a helper thread starts one
+# more OpenMP team, and libgomp slows every team's wake-ups (the server's compute's too) once its threads
+# outnumber the cores.
+COPY_SPLIT_BYTES = 16 << 20
+_copy_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                                                   thread_name_prefix="flashserve-shm-copy")
+
+
+def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[:] = src for two uint8 arrays of one length, in parts of at least COPY_SPLIT_BYTES on the pool."""
+    n = len(src)
+    parts = min(_copy_pool._max_workers + 1, n // COPY_SPLIT_BYTES)
+    if parts < 2:
+        np.copyto(dst, src)
+        return
+    step = -(-n // parts)
+    futures = [_copy_pool.submit(np.copyto, dst[a:a + step], src[a:a + step]) for a in range(step, n, step)]
+    np.copyto(dst[:step], src[:step])
+    for f in futures:
+        f.result()
 _SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0) | getattr(fcntl, "F_SEAL_SEAL", 0)
 
 
@@ -216,7 +240,7 @@ class Region:
             if n <= HELD_COPY_BYTES:
                 self._mem[offset:offset + n] = src
             else:
-                np.copyto(np.frombuffer(self._mem, np.uint8, n, offset), np.frombuffer(src, np.uint8))
+                copy_bytes(np.frombuffer(self._mem, np.uint8, n, offset), np.frombuffer(src, np.uint8))
             return n
         t = tensor.detach()
         self.view(offset, t.dtype, t.shape).copy_(t)

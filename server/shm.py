@@ -23,7 +23,6 @@ must be non-negative, aligned to the element size, and the slice must lie inside
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import errno
 import fcntl
 import functools
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 from flashserve import cuda_host
-from flashserve.shm import MAX_VIEW_BASES, RowViews
+from flashserve.shm import MAX_VIEW_BASES, RowViews, copy_bytes
 from flashserve.proto import attention_pb2 as pb
 from flashserve.wire import ITEMSIZE, PROTO_TO_TORCH, describe
 
@@ -140,27 +139,6 @@ class _Region:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-# Copies into and out of mapped regions are split over a few threads (numpy releases the GIL). They use
-# numpy rather than torch: a torch copy on a helper thread starts one more OpenMP team, and libgomp slows
-# every team's wake-ups (the compute's too) once its threads outnumber the cores.
-COPY_SPLIT_BYTES = 16 << 20
-_copy_pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
-                                                   thread_name_prefix="flashserve-shm-copy")
-
-
-def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
-    n = len(src)
-    parts = min(_copy_pool._max_workers + 1, n // COPY_SPLIT_BYTES)
-    if parts < 2:
-        np.copyto(dst, src)
-        return
-    step = -(-n // parts)
-    futures = [_copy_pool.submit(np.copyto, dst[a:a + step], src[a:a + step]) for a in range(step, n, step)]
-    np.copyto(dst[:step], src[:step])
-    for f in futures:
-        f.result()
 
 
 class HostPinner:

@@ -613,14 +613,19 @@ def test_typed_views_of_a_mapping_are_its_bytes():
         region.close()
 
 
-def test_client_region_put_copies_large_tensors_through_numpy(monkeypatch):
-    """Past HELD_COPY_BYTES a CPU tensor's bytes go through numpy (the copy lets other threads run): same bytes."""
+def test_client_region_put_copies_large_tensors_in_parts(monkeypatch):
+    """Past HELD_COPY_BYTES a CPU tensor's bytes go through copy_bytes, in parts on threads past COPY_SPLIT_BYTES."""
     monkeypatch.setattr(client_shm, "HELD_COPY_BYTES", 1024)
+    monkeypatch.setattr(client_shm, "COPY_SPLIT_BYTES", 1000)  # 4200 bytes: in parts (on a 1-cpu host, 2)
+    parts = []
+    copy_part = client_shm.np.copyto
+    monkeypatch.setattr(client_shm.np, "copyto", lambda dst, src: (parts.append(len(src)), copy_part(dst, src)))
     region = client_shm.Region(1 << 16, memfd=True)
     try:
         t = torch.randn(300, 7).bfloat16()
         region.put(t, 192)
         assert torch.equal(region.view(192, t.dtype, t.shape), t)
+        assert len(parts) >= 2 and sum(parts) == t.numel() * 2
     finally:
         region.close()
 
