@@ -284,6 +284,38 @@ int split_blocks(int nkb, int64_t bh, int64_t sms, size_t slice_bytes, double* e
   return best;
 }
 
+// Bytes of the dS tiles of "dQ from dS" (bwd_params.h): one 8 KB tile per (64 query rows, head, 64 keys of the
+// longest key sequence); about the attention matrix in the input dtype.
+size_t ds_workspace_bytes(const BwdParams& p) {
+  return ((size_t)p.total_q / 64 + p.b + 1) * p.h * (size_t)((p.max_seqlen_k + 63) / 64) * 64 * 64 * 2;
+}
+
+// "dQ from dS" for class 256 on the Hopper path, both modes, while its workspace fits in an eighth of the GPU's
+// memory (at least 4 GiB). Why: at d256 the dQ additions are a third of the main kernel's time (Bc = 64: 64 KB of
+// fp32 dQ read-modified-written per 10.5-MFLOP step; the 8 KB dS tile replaces them), and the deterministic
+// schemes that order them ran at 0.70-0.84 of default mode. Measured (NOTES.md, session 11): 1.29-1.37x the
+// atomics kernel at 512-8k tokens per sequence. FLASHSERVE_BWD_DQ_FROM_DS=0, a forced deterministic scheme
+// (FLASHSERVE_BWD_DET_MODE=own|counters) or the K/V-block loop (FLASHSERVE_BWD_LOOP) turn it off (A/B).
+bool dq_from_ds_fits(const BwdParams& p, int dev) {
+  if (p.head_dim_class != 256) return false;
+  const char* env = std::getenv("FLASHSERVE_BWD_DQ_FROM_DS");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  const char* mode = std::getenv("FLASHSERVE_BWD_DET_MODE");
+  if (p.deterministic && mode && (std::strcmp(mode, "own") == 0 || std::strcmp(mode, "counters") == 0)) return false;
+  if (!p.deterministic && std::getenv("FLASHSERVE_BWD_LOOP")) return false;
+  static size_t total_memory[64] = {};  // per device, read once
+  if (dev < 0 || dev >= 64) return false;
+  if (total_memory[dev] == 0) {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    total_memory[dev] = total_b;
+  }
+  return ds_workspace_bytes(p) <= std::max<size_t>((size_t)4 << 30, total_memory[dev] / 8);
+}
+
 }  // namespace
 
 std::string plan(BwdParams& p, BwdWorkspace* ws) {
@@ -318,6 +350,8 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   //   slicing under causal masks cost more (up to -40%) than the shorter chains gain.
   p.dq_sem_stride = (p.max_seqlen_q + 63) / 64;
   p.loop_blocks = 0;
+  p.dq_from_ds = false;
+  p.ds_kb_stride = 0;
   const int64_t bh = std::max<int64_t>(1, (int64_t)p.b * p.h), sms = p.num_sms > 0 ? p.num_sms : 132;
   const size_t slice_bytes = (size_t)p.total_q * p.h * p.d * sizeof(float);
   if (p.hopper) {
@@ -325,7 +359,11 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
     const int hnkb = std::max(1, (p.max_seqlen_k + hbc - 1) / hbc);
     double loop_eff = 1.0;
     const int loop_s = split_blocks(hnkb, bh, sms, p.deterministic ? slice_bytes : 0, &loop_eff);
-    if (!p.deterministic) {
+    if (dq_from_ds_fits(p, dev)) {
+      p.dq_from_ds = true;
+      p.ds_kb_stride = (p.max_seqlen_k + 63) / 64;
+      p.num_splits = 0;  // no dQ accumulator to zero or sum: the workspace holds the dS tiles
+    } else if (!p.deterministic) {
       // FLASHSERVE_BWD_LOOP=auto|S|0 (A/B): the K/V-block loop with split_blocks' S, with S blocks, or off.
       if (const char* env = std::getenv("FLASHSERVE_BWD_LOOP")) {
         if (std::strcmp(env, "auto") == 0) p.loop_blocks = loop_s;
@@ -333,9 +371,9 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
       }
     } else {
       bool own = loop_eff >= 0.85;
-      if (const char* env = std::getenv("FLASHSERVE_BWD_DET_MODE")) {
-        if (std::strcmp(env, "own") == 0) own = true;
-        if (std::strcmp(env, "counters") == 0) own = false;
+      if (const char* mode = std::getenv("FLASHSERVE_BWD_DET_MODE")) {
+        if (std::strcmp(mode, "own") == 0) own = true;
+        if (std::strcmp(mode, "counters") == 0) own = false;
       }
       if (own) {
         p.num_splits = loop_s;
@@ -356,7 +394,8 @@ std::string plan(BwdParams& p, BwdWorkspace* ws) {
   if (ws) {
     ws->dsum_floats = (size_t)p.h * p.total_q;
     ws->dq_accum_floats = (size_t)p.num_splits * p.total_q * p.h * p.d;
-    if (p.hopper && p.deterministic && p.loop_blocks == 0)  // counters
+    if (p.dq_from_ds) ws->dq_accum_floats = ds_workspace_bytes(p) / sizeof(float);  // the dS tiles
+    if (p.hopper && p.deterministic && p.loop_blocks == 0 && !p.dq_from_ds)  // counters
       ws->dq_accum_floats += (size_t)p.num_splits * p.b * p.h * p.dq_sem_stride;
     ws->dkv_accum_floats = p.h != p.h_k ? (size_t)p.total_k * p.h * p.d : 0;
   }
@@ -378,7 +417,7 @@ std::string run(BwdParams& p, cudaStream_t stream) {
     bool used = false;
     if (p.hopper) {
       p.dq_sem = nullptr;
-      if (p.deterministic && p.loop_blocks == 0) {  // counters
+      if (p.deterministic && p.loop_blocks == 0 && !p.dq_from_ds) {  // counters
         p.dq_sem = reinterpret_cast<int*>(p.dq_accum + (size_t)p.num_splits * p.total_q * p.h * p.d);
         e = cudaMemsetAsync(p.dq_sem, 0, (size_t)p.num_splits * p.b * p.h * p.dq_sem_stride * sizeof(int), stream);
         if (e != cudaSuccess) return cuda_msg("dQ counter reset", e);
@@ -433,7 +472,11 @@ std::string run(BwdParams& p, cudaStream_t stream) {
     }
     if (e != cudaSuccess) return cuda_msg("main kernel launch", e);
   }
-  if (p.total_q > 0 && p.h > 0) {
+  if (p.dq_from_ds) {  // the Hopper dQ kernel wrote dq, unless no main kernel ran: then every row is 0
+    if (p.total_q > 0 && p.h > 0 && !(p.b > 0 && p.total_k > 0) &&
+        (e = cudaMemsetAsync(p.dq, 0, (size_t)p.total_q * p.h * p.d * 2, stream)) != cudaSuccess)
+      return cuda_msg("dq zeroing", e);
+  } else if (p.total_q > 0 && p.h > 0) {
     FS_LAUNCH_SMALL(bwd_postprocess_dq_kernel, (int64_t)p.total_q * p.h, p, stream);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_msg("postprocess dq launch", e);
   }

@@ -73,6 +73,13 @@ struct BwdParams {
   // rows), (num_splits, b, h, dq_sem_stride) ints at the end of the dq_accum workspace (plan() counts them in).
   int* dq_sem;
   int dq_sem_stride;
+  // Deterministic mode of the class-256 Hopper kernel, "dQ from dS" (plan() chooses it when the workspace fits):
+  // the main kernel adds no dQ; it writes each dS^T tile it computes (Bc = 64 keys x Br = 64 queries, input
+  // dtype, 8 KB in its shared-memory layout) to the dq_accum workspace, and a second kernel computes
+  // dq = scale * dS K per query block, adding the K/V blocks in order (no atomics, no waiting, no dQ slices).
+  // Tile (m, kb) of sequence b, head h: index ((cu_seqlens_q[b] / 64 + b + m) * h + h) * ds_kb_stride + kb.
+  bool dq_from_ds;
+  int ds_kb_stride;  // K/V blocks of 64 keys in the longest sequence
 };
 
 struct BwdWorkspace {

@@ -306,8 +306,9 @@ def test_long(dtype):
     check_case(dtype, 128, [2048], [1536], causal=False, hq=2)
 
 
-# Deterministic mode has two schemes on the Hopper kernels (csrc/bwd/bwd_api.cu, plan()): dQ slices owned by one
-# block each ("own"), or ordered additions with counters ("counters"); plan() picks one by shape ("auto"), and
+# Deterministic mode has three schemes on the Hopper kernels (csrc/bwd/bwd_api.cu, plan()): dQ slices owned by one
+# block each ("own"), ordered additions with counters ("counters"), and at head dim 256 dQ from dS tiles (what
+# "auto" takes there; "own" / "counters" force the others); plan() picks one by shape ("auto"), and
 # FLASHSERVE_BWD_DET_SPLITS forces the slice count (3 here: "own" blocks then handle several K/V blocks each,
 # in the zigzag order, with a partial last round).
 DET_MODES = [("auto", None), ("own", None), ("own", "3"), ("counters", None), ("counters", "2")]
@@ -330,6 +331,37 @@ def test_deterministic(d, mode, splits, monkeypatch):
         assert torch.equal(x, y), "deterministic mode differs between two runs"
     if mode == "own":  # also without a causal mask and without GQA (dk/dv written by the main kernel)
         check_case(torch.bfloat16, d, [700, 300], [1100, 257], hq=2, causal=False, deterministic=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_deterministic_dq_from_ds(dtype):
+    """Head dim 256, deterministic: plan() takes "dQ from dS" (the main kernel writes dS tiles, a second kernel
+    sums dS K per query block). Every feature of the class-256 kernel, empty sequences on either side, and rows
+    past the last sequence (0 in dq, as in default mode)."""
+    _skip_uncompiled(dtype, 256)
+    check_case(dtype, 256, [200, 31, 0, 1, 90], [300, 31, 7, 0, 64], hq=4, hk=1, softcap=5.0, alibi_mode="bh",
+               wl=64, wr=0, deterministic=True)
+    check_case(dtype, 256, [129, 64, 65], [1000, 63, 200], hq=2, causal=True, deterministic=True)
+    report, args = check_case(dtype, 200, [300, 77], [260, 500], hq=2, deterministic=True)  # d 200 (padded)
+    q, k, v, out, lse, dout, cu_q, cu_k, mq, mk, scale, feats = args
+    cu_short = cu_q.clone()
+    cu_short[-1] -= 5  # the last 5 rows belong to no sequence (non-causal: the others' out / lse still hold)
+    det = run_ours(q, k, v, out, lse, dout, cu_short, cu_k, mq, mk, scale, deterministic=True, **feats)
+    again = run_ours(q, k, v, out, lse, dout, cu_short, cu_k, mq, mk, scale, deterministic=True, **feats)
+    default = run_ours(q, k, v, out, lse, dout, cu_short, cu_k, mq, mk, scale, **feats)
+    assert torch.equal(det[0][-5:], torch.zeros_like(det[0][-5:]))
+    for a, b, c in zip(det, again, default):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.float(), c.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_d256_default_mode_by_bulk_reductions(monkeypatch):
+    """Head dim 256 with "dQ from dS" off (FLASHSERVE_BWD_DQ_FROM_DS=0, or a workspace past its cap): the
+    atomics / bulk-reduction kernel still computes the same gradients."""
+    _skip_uncompiled(torch.bfloat16, 256)
+    monkeypatch.setenv("FLASHSERVE_BWD_DQ_FROM_DS", "0")
+    check_case(torch.bfloat16, 256, [1000, 17, 0, 513], [900, 40, 3, 513], hq=4, hk=2, causal=True)
+    check_case(torch.bfloat16, 256, [200, 31], [160, 31], softcap=5.0, alibi_mode="h", wl=64, wr=0)
 
 
 @pytest.mark.parametrize("loop", ["auto", "3"])

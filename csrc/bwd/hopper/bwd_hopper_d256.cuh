@@ -15,6 +15,7 @@
 //                                     mode: staged in shared memory after dV / dK and added by bulk reductions
 //   dV_w += P^T dO_w, dK_w += dS^T Q_w  columns 128 w .. (SS, A K-major from shared memory, B MN-major)
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -37,7 +38,9 @@ struct HTraits256 {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-template <typename T, bool kExtras, bool kDet>
+// kDsOut: deterministic "dQ from dS" (bwd_params.h, dq_from_ds): no dQ product here; each dS^T tile goes to the
+// workspace for bwd_hopper_d256_dq_kernel below.
+template <typename T, bool kExtras, bool kDet, bool kDsOut = false>
 __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = HTraits256;
@@ -50,7 +53,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
   unsigned char* base_ptr = smem_raw + (base - raw);
   const uint32_t sK = base + Tr::kOffK, sV = base + Tr::kOffV;
   const uint32_t sQ0 = base + Tr::kOffQ, sdO0 = base + Tr::kOffdO, sP = base + Tr::kOffP, sdS = base + Tr::kOffdS;
-  constexpr bool kBulk = !kDet;  // dQ by bulk reduction; deterministic mode keeps the ordered atomics
+  static_assert(!(kDet && kDsOut), "dQ from dS needs no counters");
+  constexpr bool kBulk = !kDet && !kDsOut;  // dQ by bulk reduction; deterministic mode keeps the ordered atomics
   unsigned char* sP_ptr = base_ptr + Tr::kOffP;
   unsigned char* sdS_ptr = base_ptr + Tr::kOffdS;
   float* sLse = reinterpret_cast<float*>(base_ptr + Tr::kOffLse);  // [2][Br]
@@ -259,11 +263,13 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
       // panels 2 w, 2 w + 1).
       float dq[64];
       wgmma_fence();
+      if constexpr (!kDsOut) {
 #pragma unroll
-      for (int kk = 0; kk < Bc / 16; ++kk)
-        Wgmma<T, 128>::template ss<1, 1>(dq, make_desc(sdS + kk * 2048, Bc * 128, 1024),
-                                         make_desc(sK + 2 * wg * Bc * 128 + kk * 2048, Bc * 128, 1024), kk > 0);
-      wgmma_commit();
+        for (int kk = 0; kk < Bc / 16; ++kk)
+          Wgmma<T, 128>::template ss<1, 1>(dq, make_desc(sdS + kk * 2048, Bc * 128, 1024),
+                                           make_desc(sK + 2 * wg * Bc * 128 + kk * 2048, Bc * 128, 1024), kk > 0);
+        wgmma_commit();
+      }
       // ---- dV_w += P^T dO_w, dK_w += dS^T Q_w (k = 64 queries): A K-major from shared memory, B MN-major.
       fence_regs(dv);
       fence_regs(dk);
@@ -276,6 +282,15 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
         Wgmma<T, 128>::template ss<0, 1>(dk, make_desc(sdS + kk * 32, 16, 1024),
                                          make_desc(sQ + 2 * wg * Br * 128 + kk * 2048, Br * 128, 1024), 1);
       wgmma_commit();
+      if constexpr (kDsOut) {
+        // The dS^T tile (8 KB, both warpgroups' halves: after the named barrier) to the workspace, 32 bytes a
+        // thread, while dV / dK run; its byte image is the dQ kernel's shared-memory operand.
+        uint4* tile = reinterpret_cast<uint4*>(p.dq_accum) +
+                      ((((int64_t)(q_start / Br) + b + m) * p.h + h) * p.ds_kb_stride + kb) * (Tr::kPS / 16);
+        const uint4* src = reinterpret_cast<const uint4*>(sdS_ptr);
+        tile[2 * tid] = src[2 * tid];
+        tile[2 * tid + 1] = src[2 * tid + 1];
+      }
       if (kDet) {
         if (tid == 0) {
           int lo, hi;
@@ -326,6 +341,10 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
           }
           bulk_commit();
         }
+      } else if constexpr (kDsOut) {
+        wgmma_wait<0>();
+        fence_regs(dv);
+        fence_regs(dk);
       } else {
         wgmma_wait<1>();
         fence_regs(dq);
@@ -351,9 +370,140 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
 #endif  // sm_90a
 }
 
+// Deterministic "dQ from dS", second kernel: one block per (64 query rows m, head, sequence), two warpgroups,
+// warpgroup w owning dq columns 128 w .. 128 w + 127. For the K/V blocks kb that see query block m, in increasing
+// order: the dS^T tile (m, kb) the main kernel wrote and K rows of kb go to shared memory (double-buffered,
+// cp.async), then dQ_w += dS K_w with the main kernel's own dQ product (same operands, same layouts); dq =
+// scale * dQ is written once, in the input dtype. One thread owns each sum and adds in a fixed order: bit-identical
+// across runs. Rows past the last sequence are written as 0 (by the blocks of the last sequence's first query block).
+struct DqTraits256 {
+  static constexpr int kD = 256, Bc = 64, Br = 64, kThreads = 256;
+  static constexpr int kTile = Bc * Br * 2, kK = Bc * kD * 2, kStage = kTile + kK;  // 8 KB + 32 KB
+  static constexpr int kSmemBytes = 2 * kStage + 1024;                                // + alignment slack
+};
+
+template <typename T>
+__global__ void __launch_bounds__(256, 2) bwd_hopper_d256_dq_kernel(const BwdParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tr = DqTraits256;
+  constexpr int kD = Tr::kD, Bc = Tr::Bc, Br = Tr::Br;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw = ptx::smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int wg = tid >> 7, wwarp = (tid >> 5) & 3;
+  const int g = lane >> 2, t = lane & 3;
+  const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+
+  if (m == 0 && b == p.b - 1) {  // rows past the last sequence: no sequence's, zero
+    const int vecs = p.d / 8;
+    const int64_t first = p.cu_seqlens_q[p.b], n = ((int64_t)p.total_q - first) * vecs;
+    for (int64_t i = tid; i < n; i += Tr::kThreads) {
+      const int64_t row = first + i / vecs;
+      *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.dq) + (row * p.h + h) * p.d + (i % vecs) * 8) =
+          make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  const int q_start = p.cu_seqlens_q[b], sq = p.cu_seqlens_q[b + 1] - q_start;
+  if (m * Br >= sq) return;
+  const int k_start = p.cu_seqlens_k[b], sk = p.cu_seqlens_k[b + 1] - k_start;
+  // Tiles exist for the K/V blocks the main kernel's grid covered (max_seqlen_k's): never read past them.
+  const int nkb = min((sk + Bc - 1) / Bc, p.ds_kb_stride);
+  const int diag = sk - sq;
+  const int hk = h / (p.h / p.h_k);
+  const T* kg = reinterpret_cast<const T*>(p.k) + (int64_t)k_start * p.k_row_stride + (int64_t)hk * p.k_head_stride;
+  const uint4* tiles = reinterpret_cast<const uint4*>(p.dq_accum) +
+                       (((int64_t)(q_start / Br) + b + m) * p.h + h) * p.ds_kb_stride * (Tr::kTile / 16);
+
+  // The K/V blocks whose query range (the main kernel's, query_block_range) holds m: one contiguous run.
+  int kb_lo = nkb, kb_hi = nkb;
+  for (int kb = 0; kb < nkb; ++kb) {
+    int lo, hi;
+    query_block_range<Bc, Br>(kb, sq, diag, p.window_left, p.window_right, lo, hi);
+    const bool sees = m >= lo && m < hi;
+    if (sees && kb_lo == nkb) kb_lo = kb;
+    if (!sees && kb_lo < nkb) {
+      kb_hi = kb;
+      break;
+    }
+  }
+
+  auto load = [&](int kb, int stage) {
+    const uint32_t sT = base + stage * Tr::kStage, sK = sT + Tr::kTile;
+    const uint4* src = tiles + (int64_t)kb * (Tr::kTile / 16);
+#pragma unroll
+    for (int c = tid; c < Tr::kTile / 16; c += Tr::kThreads) ptx::cp_async16(sT + c * 16, src + c, 16);
+    const int j0 = kb * Bc;
+#pragma unroll
+    for (int c = tid; c < Bc * (kD / 8); c += Tr::kThreads) {
+      const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+      const bool ok = (j0 + r < sk) && (col < p.d);
+      const int rr = ok ? j0 + r : 0, cc = ok ? col : 0;
+      ptx::cp_async16(sK + swz(Bc, r, col), kg + (int64_t)rr * p.k_row_stride + cc, ok ? 16 : 0);
+    }
+  };
+
+  float dq[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) dq[i] = 0.f;
+  if (kb_lo < kb_hi) load(kb_lo, 0);
+  ptx::cp_async_commit();
+  for (int kb = kb_lo; kb < kb_hi; ++kb) {
+    const int stage = (kb - kb_lo) & 1;
+    ptx::cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // tile kb landed; every warpgroup's products on the other stage are done
+    if (kb + 1 < kb_hi) load(kb + 1, stage ^ 1);
+    ptx::cp_async_commit();
+    const uint32_t sT = base + stage * Tr::kStage, sK = sT + Tr::kTile;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Bc / 16; ++kk)
+      Wgmma<T, 128>::template ss<1, 1>(dq, make_desc(sT + kk * 2048, Bc * 128, 1024),
+                                       make_desc(sK + 2 * wg * Bc * 128 + kk * 2048, Bc * 128, 1024), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dq);
+  }
+  ptx::cp_async_wait<0>();
+
+  // dq rows m * Br + row0 (+ 8), columns c0 + 8 n + 2 t (+ 1): the accumulator layout of the main kernel's dQ.
+  const int row0 = wwarp * 16 + g, c0 = wg * 128;
+  const float sc = p.scale;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int qi = m * Br + row0 + half * 8;
+    if (qi >= sq) continue;
+    T* dst = reinterpret_cast<T*>(p.dq) + ((int64_t)(q_start + qi) * p.h + h) * p.d;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      const int col = c0 + n * 8 + 2 * t;
+      if (col < p.d)
+        *reinterpret_cast<uint32_t*>(dst + col) =
+            ptx::pack2<T>(dq[n * 4 + 2 * half] * sc, dq[n * 4 + 2 * half + 1] * sc);
+    }
+  }
+#endif  // sm_90a
+}
+
 template <typename T>
 cudaError_t run_hopper_d256_impl(const BwdParams& p, cudaStream_t stream, bool* used, bool probe) {
   const bool extras = p.softcap > 0.f || p.alibi != nullptr;
+  if (p.dq_from_ds) {
+    auto kernel = extras ? bwd_hopper_d256_kernel<T, true, false, true> : bwd_hopper_d256_kernel<T, false, false, true>;
+    cudaError_t e = launch_hopper_bwd<HTraits256>(kernel, p, stream, used, probe);
+    if (e != cudaSuccess || probe || !*used) return e;
+    auto dq_kernel = bwd_hopper_d256_dq_kernel<T>;
+    if ((e = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DqTraits256::kSmemBytes)) !=
+        cudaSuccess)
+      return e;
+    // At least one query block: the zeroing of rows past the last sequence rides on block x = 0.
+    const int nqb = std::max(1, (p.max_seqlen_q + DqTraits256::Br - 1) / DqTraits256::Br);
+    if (p.b == 0 || p.h == 0) return cudaSuccess;
+    dq_kernel<<<dim3(nqb, p.h, p.b), DqTraits256::kThreads, DqTraits256::kSmemBytes, stream>>>(p);
+    return cudaGetLastError();
+  }
   const bool counters = p.deterministic && p.loop_blocks == 0;  // by ownership: the default-mode code
   auto kernel = extras ? (counters ? bwd_hopper_d256_kernel<T, true, true> : bwd_hopper_d256_kernel<T, true, false>)
                        : (counters ? bwd_hopper_d256_kernel<T, false, true> : bwd_hopper_d256_kernel<T, false, false>);
