@@ -290,12 +290,17 @@ size_t ds_workspace_bytes(const BwdParams& p) {
   return ((size_t)p.total_q / 64 + p.b + 1) * p.h * (size_t)((p.max_seqlen_k + 63) / 64) * 64 * 64 * 2;
 }
 
-// "dQ from dS" for class 256 on the Hopper path, both modes, while its workspace fits in an eighth of the GPU's
-// memory (at least 4 GiB). Why: at d256 the dQ additions are a third of the main kernel's time (Bc = 64: 64 KB of
-// fp32 dQ read-modified-written per 10.5-MFLOP step; the 8 KB dS tile replaces them), and the deterministic
-// schemes that order them ran at 0.70-0.84 of default mode. Measured (NOTES.md, session 11): 1.29-1.37x the
-// atomics kernel at 512-8k tokens per sequence. FLASHSERVE_BWD_DQ_FROM_DS=0, a forced deterministic scheme
-// (FLASHSERVE_BWD_DET_MODE=own|counters) or the K/V-block loop (FLASHSERVE_BWD_LOOP) turn it off (A/B).
+// "dQ from dS" for class 256 on the Hopper path. Why: at d256 the dQ additions are a third of the main kernel's
+// time (Bc = 64: 64 KB of fp32 dQ read-modified-written per 10.5-MFLOP step; an 8 KB dS tile replaces them), and the
+// deterministic schemes that order them ran at 0.70-0.84 of default mode. Measured (NOTES.md, session 11, H200):
+// 1.31-1.40x torch FA2 and 1.35-1.39x the bulk-reduction kernel at 512-16k tokens per sequence.
+// Its workspace grows with total_q x max_seqlen_k (the attention matrix's size in bf16), so it is taken:
+// - deterministic mode (opt-in, where the other schemes cost 16-30%): up to max(4 GiB, GPU memory / 8);
+// - default mode: only while the workspace is at most 4x the fp32 dQ accumulator it replaces (d256: key sequences
+//   up to about 2k tokens), so that default-mode memory stays a small multiple of the inputs', as FlashAttention's
+//   does; FLASHSERVE_BWD_DQ_FROM_DS=1 lifts that to the deterministic cap, =0 turns the mode off (both modes).
+// A forced deterministic scheme (FLASHSERVE_BWD_DET_MODE=own|counters) or the K/V-block loop (FLASHSERVE_BWD_LOOP)
+// also turn it off (A/B).
 bool dq_from_ds_fits(const BwdParams& p, int dev) {
   if (p.head_dim_class != 256) return false;
   const char* env = std::getenv("FLASHSERVE_BWD_DQ_FROM_DS");
@@ -303,6 +308,9 @@ bool dq_from_ds_fits(const BwdParams& p, int dev) {
   const char* mode = std::getenv("FLASHSERVE_BWD_DET_MODE");
   if (p.deterministic && mode && (std::strcmp(mode, "own") == 0 || std::strcmp(mode, "counters") == 0)) return false;
   if (!p.deterministic && std::getenv("FLASHSERVE_BWD_LOOP")) return false;
+  const size_t bytes = ds_workspace_bytes(p);
+  if (!p.deterministic && !(env && std::strcmp(env, "1") == 0))
+    return bytes <= 4 * (size_t)p.total_q * p.h * p.d * sizeof(float);
   static size_t total_memory[64] = {};  // per device, read once
   if (dev < 0 || dev >= 64) return false;
   if (total_memory[dev] == 0) {
@@ -313,7 +321,7 @@ bool dq_from_ds_fits(const BwdParams& p, int dev) {
     }
     total_memory[dev] = total_b;
   }
-  return ds_workspace_bytes(p) <= std::max<size_t>((size_t)4 << 30, total_memory[dev] / 8);
+  return bytes <= std::max<size_t>((size_t)4 << 30, total_memory[dev] / 8);
 }
 
 }  // namespace
