@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh                 # full build (all head dims, fp16+bf16, sm_80+sm_90a), all tests, full bench
 #   FLASHSERVE_HEADDIMS=64,128 FLASHSERVE_DTYPES=bf16 FLASHSERVE_ARCHS=90a scripts/gpu_check.sh   # dev build
 #   GPU_CHECK_BENCH=quick|full|none  GPU_CHECK_BENCH_ARGS="--ops fwd" (extra bench/kernels.py args)
-#   GPU_CHECK_TESTS="tests/gpu" (pytest args)  GPU_CHECK_SKIP_BUILD=1
+#   GPU_CHECK_TESTS="tests/gpu" (pytest args, shell-quoted: GPU_CHECK_TESTS="tests/gpu -k 'a or b'")  GPU_CHECK_SKIP_BUILD=1
 #   GPU_CHECK_DEMO=1|0 (flashserve demo on the flash backend)
 #   GPU_CHECK_SERVICE=none|quick|full|wire|batching (bench/service.py; batching: the on/off pair with
 #   GPU_CHECK_SERVER_ARGS, default "--frontends 4", then bench/engine_pipeline.py --real)
@@ -48,8 +48,10 @@ if [ "${GPU_CHECK_DEMO:-1}" = "1" ]; then
   [ "${PIPESTATUS[0]}" = "0" ] || status=1
 fi
 
-# shellcheck disable=SC2086
-python3 -m pytest -q -rs -p no:cacheprovider --confcutdir=tests/gpu --continue-on-collection-errors $(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=1500) ${GPU_CHECK_TESTS:-tests/gpu} \
+# GPU_CHECK_TESTS is split as a shell command line would be, so a quoted -k expression stays one argument.
+eval "test_args=(${GPU_CHECK_TESTS:-tests/gpu})"
+# shellcheck disable=SC2046
+python3 -m pytest -q -rs -p no:cacheprovider --confcutdir=tests/gpu --continue-on-collection-errors $(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=1500) "${test_args[@]}" \
   2>&1 | tee "$OUT_DIR/tests.log" | grep -vE "^\s*$" | tail -40
 [ "${PIPESTATUS[0]}" = "0" ] || status=1
 
