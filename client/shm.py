@@ -45,9 +45,10 @@ ALIGN = 64
 MIN_REGION = 1 << 20
 MAX_VIEW_BASES = 64  # RowViews' cached bases per mapping (a varlen mix of lse shapes stays well below)
 # Region.put copies a contiguous CPU tensor up to this size holding the GIL (a memory copy, no torch op); larger
-# ones with copy_bytes (numpy on a few threads, which lets other threads run during the copy). Why: a torch copy_ (and detach) releases the
-# GIL and takes it back, once or more in the middle of the op (torch keeps the Python object of a tensor alive
-# from C++ under the GIL); beside busy threads each take waits up to the switch interval (5 ms). Measured beside
+# ones with copy_bytes (numpy on a few threads, which lets other threads run during the copy). Why: a torch copy_
+# (and detach) releases the GIL and takes it back, once or more in the middle of the op (torch keeps the Python
+# object of a tensor alive from C++ under the GIL); beside busy threads each take waits up to the switch interval
+# (5 ms). Measured beside
 # one Python-busy thread, 1 MB bf16: copy_ 12.8-13.4 ms, numpy 3.7-5.3 ms, this copy 0.04 ms; in a load
 # generator's client process those waits were most of its samples (py-spy --native).
 HELD_COPY_BYTES = 16 << 20

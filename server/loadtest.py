@@ -175,7 +175,6 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
     batch_req: List[float] = []
     compute = [0.0]
     stages: List[List[float]] = []  # per request: its STAGES in seconds, then its round trip
-    issued = [0]
     clients = [make_client() for _ in range(concurrency)]
     keep = [False] * concurrency
     for i, c in enumerate(clients):
@@ -185,7 +184,8 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
             pass
     time_limit = duration * 10 if count else duration
     start = [0.0]
-    group_barrier, shared_issued = group if group is not None else (None, None)
+    # one process alone counts its own requests with the same kind of counter
+    group_barrier, issued = group if group is not None else (None, multiprocessing.Value("q", 0))
 
     def start_clock():
         if group_barrier is not None:  # every process ready: the clocks start together
@@ -194,16 +194,10 @@ def measure(make_client, workload: Workload, concurrency: int, duration: float, 
 
     def take_request() -> bool:
         """Claim one of the level's `count` requests (always True without a count)."""
-        if shared_issued is not None:
-            with shared_issued.get_lock():
-                if count and shared_issued.value >= count:
-                    return False
-                shared_issued.value += 1
-            return True
-        with lock:
-            if count and issued[0] >= count:
+        with issued.get_lock():
+            if count and issued.value >= count:
                 return False
-            issued[0] += 1
+            issued.value += 1
         return True
 
     ready = threading.Barrier(concurrency + 1, action=start_clock)

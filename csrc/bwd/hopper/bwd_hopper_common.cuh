@@ -64,6 +64,20 @@ __device__ __forceinline__ void load_tile_pair(uint32_t sa, const T* ga, const i
   }
 }
 
+// cp.async of rows row0 .. row0 + ROWS - 1 of one global tile into a 128B-swizzled shared tile (as load_tile_pair).
+template <int ROWS, int kD, int kThreads, typename T>
+__device__ __forceinline__ void load_tile(uint32_t sa, const T* ga, const int64_t& stride_a, int row0, int nrows,
+                                          const int& d, int tid) {
+  constexpr int kChunks = ROWS * (kD / 8);
+#pragma unroll
+  for (int c = tid; c < kChunks; c += kThreads) {
+    const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
+    const bool ok = (row0 + r < nrows) && (col < d);
+    const int rr = ok ? row0 + r : 0, cc = ok ? col : 0;
+    ptx::cp_async16(sa + swz(ROWS, r, col), ga + (int64_t)rr * stride_a + cc, ok ? 16 : 0);
+  }
+}
+
 // cp.async of LSE and D (rowsum of dO o O) for query rows row0 .. row0 + ROWS - 1; rows >= nrows read as 0.
 template <int ROWS>
 __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_d, const float* lse, const float* dsum,

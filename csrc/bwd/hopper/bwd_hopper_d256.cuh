@@ -38,8 +38,14 @@ struct HTraits256 {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-// kDsOut: deterministic "dQ from dS" (bwd_params.h, dq_from_ds): no dQ product here; each dS^T tile goes to the
-// workspace for bwd_hopper_d256_dq_kernel below.
+// "dQ from dS" (bwd_params.h, dq_from_ds): index of dS^T tile (m, kb) of sequence b (first query row q_start),
+// head h in the workspace, in tiles of HTraits256::kPS bytes.
+__device__ __forceinline__ int64_t ds_tile_index(const BwdParams& p, int q_start, int b, int h, int m, int kb) {
+  return (((int64_t)(q_start / HTraits256::Br) + b + m) * p.h + h) * p.ds_kb_stride + kb;
+}
+
+// kDsOut: "dQ from dS": no dQ product here; each dS^T tile goes to the workspace for bwd_hopper_d256_dq_kernel
+// below.
 template <typename T, bool kExtras, bool kDet, bool kDsOut = false>
 __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -285,8 +291,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
       if constexpr (kDsOut) {
         // The dS^T tile (8 KB, both warpgroups' halves: after the named barrier) to the workspace, 32 bytes a
         // thread, while dV / dK run; its byte image is the dQ kernel's shared-memory operand.
-        uint4* tile = reinterpret_cast<uint4*>(p.dq_accum) +
-                      ((((int64_t)(q_start / Br) + b + m) * p.h + h) * p.ds_kb_stride + kb) * (Tr::kPS / 16);
+        uint4* tile =
+            reinterpret_cast<uint4*>(p.dq_accum) + ds_tile_index(p, q_start, b, h, m, kb) * (Tr::kPS / 16);
         const uint4* src = reinterpret_cast<const uint4*>(sdS_ptr);
         tile[2 * tid] = src[2 * tid];
         tile[2 * tid + 1] = src[2 * tid + 1];
@@ -377,8 +383,8 @@ __global__ void __launch_bounds__(256, 1) bwd_hopper_d256_kernel(const BwdParams
 // scale * dQ is written once, in the input dtype. One thread owns each sum and adds in a fixed order: bit-identical
 // across runs. Rows past the last sequence are written as 0 (by the blocks of the last sequence's first query block).
 struct DqTraits256 {
-  static constexpr int kD = 256, Bc = 64, Br = 64, kThreads = 256;
-  static constexpr int kTile = Bc * Br * 2, kK = Bc * kD * 2, kStage = kTile + kK;  // 8 KB + 32 KB
+  static constexpr int kD = HTraits256::kD, Bc = HTraits256::Bc, Br = HTraits256::Br, kThreads = 256;
+  static constexpr int kTile = HTraits256::kPS, kK = HTraits256::kKV, kStage = kTile + kK;  // 8 KB + 32 KB
   static constexpr int kSmemBytes = 2 * kStage + 1024;                                // + alignment slack
 };
 
@@ -413,8 +419,8 @@ __global__ void __launch_bounds__(256, 2) bwd_hopper_d256_dq_kernel(const BwdPar
   const int diag = sk - sq;
   const int hk = h / (p.h / p.h_k);
   const T* kg = reinterpret_cast<const T*>(p.k) + (int64_t)k_start * p.k_row_stride + (int64_t)hk * p.k_head_stride;
-  const uint4* tiles = reinterpret_cast<const uint4*>(p.dq_accum) +
-                       (((int64_t)(q_start / Br) + b + m) * p.h + h) * p.ds_kb_stride * (Tr::kTile / 16);
+  const uint4* tiles =
+      reinterpret_cast<const uint4*>(p.dq_accum) + ds_tile_index(p, q_start, b, h, m, 0) * (Tr::kTile / 16);
 
   // The K/V blocks whose query range (the main kernel's, query_block_range) holds m: one contiguous run.
   int kb_lo = nkb, kb_hi = nkb;
@@ -434,14 +440,7 @@ __global__ void __launch_bounds__(256, 2) bwd_hopper_d256_dq_kernel(const BwdPar
     const uint4* src = tiles + (int64_t)kb * (Tr::kTile / 16);
 #pragma unroll
     for (int c = tid; c < Tr::kTile / 16; c += Tr::kThreads) ptx::cp_async16(sT + c * 16, src + c, 16);
-    const int j0 = kb * Bc;
-#pragma unroll
-    for (int c = tid; c < Bc * (kD / 8); c += Tr::kThreads) {
-      const int r = c / (kD / 8), col = (c % (kD / 8)) * 8;
-      const bool ok = (j0 + r < sk) && (col < p.d);
-      const int rr = ok ? j0 + r : 0, cc = ok ? col : 0;
-      ptx::cp_async16(sK + swz(Bc, r, col), kg + (int64_t)rr * p.k_row_stride + cc, ok ? 16 : 0);
-    }
+    load_tile<Bc, kD, Tr::kThreads>(sK, kg, p.k_row_stride, kb * Bc, sk, p.d, tid);
   };
 
   float dq[64];
