@@ -171,9 +171,10 @@ class Proc:
                 self.proc.wait()
 
 
-def raw_round_trip(channel, up: int, down: int, chunks, distinct: bool = False) -> float:
+def raw_round_trip(channel, up: int, down: int, chunks, distinct: bool = False, arrivals=None) -> float:
     """Seconds to stream `up` bytes (from `chunks`, in order) and get `down` back. distinct: the reply's chunks are
-    all different (else the server sends one cached chunk again and again)."""
+    all different (else the server sends one cached chunk again and again). arrivals: a list that gets each reply
+    message's arrival time (time.perf_counter)."""
     call = channel.stream_stream(RAW_METHOD)
 
     def frames():
@@ -187,7 +188,11 @@ def raw_round_trip(channel, up: int, down: int, chunks, distinct: bool = False) 
             yield piece
 
     t0 = time.perf_counter()
-    got = sum(len(m) for m in call(frames(), timeout=600))
+    got = 0
+    for msg in call(frames(), timeout=600):
+        got += len(msg)
+        if arrivals is not None:
+            arrivals.append(time.perf_counter())
     dt = time.perf_counter() - t0
     assert got == down, (got, down)
     return dt
@@ -673,6 +678,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", help="payload sizes in MB, comma-separated (default: by --quick)")
     p.add_argument("--chunk-bytes", type=int, default=0, help="largest chunk of the gRPC path (0: the client's default)")
     p.add_argument("--tag", default="", help="suffix of the result files' names")
+    p.add_argument("--sweep-server-args", default="", help="extra `flashserve serve` flags for the payload sweep's "
+                                                           "server, e.g. \"--gil-switch-us 500\"")
     p.add_argument("--server-args", default="", help="extra `flashserve serve` flags for the batching comparison's "
                                                      "servers, e.g. \"--workers 4\"")
     args = p.parse_args(argv)
@@ -701,7 +708,7 @@ def main(argv=None) -> int:
                            "grpcio": grpc.__version__, "python": platform.python_version()},
               "command": "python bench/service.py " + " ".join(a for a in (argv or sys.argv[1:]))}
     if not args.batching_only:
-        fs = Proc(["--backend", "auto", "--allow-shm", *extra, *server_heap], tmp)
+        fs = Proc(["--backend", "auto", "--allow-shm", *extra, *server_heap, *args.sweep_server_args.split()], tmp)
         raw = Proc([], tmp, raw=True)
         try:
             with flashserve.Client(fs.target, timeout=60) as c:
@@ -715,10 +722,13 @@ def main(argv=None) -> int:
                                               chunk_bytes=args.chunk_bytes,
                                               heap_keep_bytes=args.client_heap_keep_mb << 20)
             report["chunk_bytes"] = args.chunk_bytes or flashserve.wire.DEFAULT_CHUNK_BYTES
-            print("4. residual wire bytes", flush=True)
-            report["residuals"] = residual_bytes(fs.target)
-            print("5. time split", flush=True)
-            report["time_split"] = time_split(fs.target, dtype)
+            if info.head_dim_classes and 64 not in info.head_dim_classes:  # a development build of the kernels
+                print("4-5. skipped: the server's build lacks head dim 64 (FLASHSERVE_HEADDIMS)", flush=True)
+            else:
+                print("4. residual wire bytes", flush=True)
+                report["residuals"] = residual_bytes(fs.target)
+                print("5. time split", flush=True)
+                report["time_split"] = time_split(fs.target, dtype)
         finally:
             fs.stop()
             raw.stop()

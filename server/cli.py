@@ -41,7 +41,9 @@ def cmd_info(args) -> int:
     rows = [
         ("target", args.target), ("version", info.version), ("backend", info.backend), ("device", info.device),
         ("host", info.hostname), ("dtypes", ", ".join(dtype_name(d) for d in info.dtypes)),
-        ("max head dim", info.max_head_dim), ("features", ", ".join(info.features)),
+        ("max head dim", info.max_head_dim),
+        ("head-dim classes", ", ".join(str(c) for c in info.head_dim_classes) or "all"),
+        ("features", ", ".join(info.features)),
         ("backward", "yes" if info.backward else "no"), ("shared memory", "yes" if info.shared_memory else "no"),
         ("residuals", "yes" if info.residuals else "no"), ("max tokens / request", limits.max_tokens),
         ("max bytes / request", limits.max_request_bytes), ("max concurrent", limits.max_concurrent_requests),

@@ -4,6 +4,7 @@ Every failure is a gRPC status on that call alone; the server keeps serving ever
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -17,8 +18,8 @@ import torch
 
 from flashserve.proto import attention_pb2 as pb
 from flashserve.proto import attention_pb2_grpc as pb_grpc
-from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, chunk_count, chunk_size_for, copy_pieces,
-                             decode_frame, describe, encode_frame, iter_encoded)
+from flashserve.wire import (TORCH_TO_PROTO, TensorAssembler, WireError, chunk_count, chunk_pieces, chunk_size_for,
+                             copy_pieces, decode_frame, describe, encode_chunk, encode_frame, iter_encoded)
 
 from . import metrics
 from .chunks import ChunkCopier
@@ -39,6 +40,7 @@ METHOD_NAMES = {pb.FORWARD: "Forward", pb.BACKWARD: "Backward"}
 # so the event loop goes on receiving (sending) while they are copied; smaller ones are not worth the hop.
 OFFLOAD_BYTES = 1 << 20
 COPIES_AHEAD = 4  # chunk copies of one call in flight at once
+REPLY_ENCODE_AHEAD = 3  # reply chunks encoded ahead of the sender (H200 host, 256 MB replies: 4% faster than 1)
 INLINE_SHM_BYTES = 64 << 10  # shared-memory tensors up to this size are read on the event loop
 VALUE_CHECKED = ("cu_seqlens_q", "cu_seqlens_k", "alibi_slopes")  # read before validation, whatever their size
 
@@ -161,6 +163,7 @@ class AttentionService(pb_grpc.AttentionServicer):
             version=VERSION, backend=self.backend.name, device=self.backend.device_name(),
             dtypes=[TORCH_TO_PROTO[d] for d in self.caps.dtypes], max_head_dim=self.caps.max_head_dim,
             features=list(self.caps.features), backward=self.caps.backward,
+            head_dim_classes=list(self.caps.head_dim_classes),
             limits=pb.Limits(max_tokens=cfg.max_tokens, max_request_bytes=cfg.max_request_bytes,
                              max_concurrent_requests=cfg.max_concurrent, max_message_bytes=cfg.max_message_bytes,
                              default_chunk_bytes=cfg.chunk_bytes),
@@ -405,17 +408,24 @@ class AttentionService(pb_grpc.AttentionServicer):
         chunk = min(chunk, self.config.max_message_bytes - 1024)
         tensors = [outputs[n] for n in names]
         chunk = chunk_size_for(sum(t.numel() * t.element_size() for t in tensors), chunk)
-        frames = iter_encoded(reply, tensors, chunk)  # pre-encoded Frame bytes
         if chunk_count(tensors, chunk) < 2:
-            for frame in frames:
+            for frame in iter_encoded(reply, tensors, chunk):  # pre-encoded Frame bytes
                 yield frame
-        else:  # encode the next chunk on a helper thread while this one is sent
+        else:  # the next chunks are encoded on helper threads while this one is sent
+            yield pb.Frame(header=reply).SerializeToString()
             loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(self.copier, next, frames, None)
-            while True:
-                frame = await pending
-                if frame is None:
-                    break
-                pending = loop.run_in_executor(self.copier, next, frames, None)
+            parts = chunk_pieces(tensors, chunk)
+            pending = collections.deque()
+
+            def refill():
+                while len(pending) < REPLY_ENCODE_AHEAD:
+                    pieces = next(parts, None)
+                    if pieces is None:
+                        return
+                    pending.append(loop.run_in_executor(self.copier, encode_chunk, pieces))
+            refill()
+            while pending:
+                frame = await pending.popleft()
+                refill()
                 yield frame
         metrics.BYTES_OUT.inc(sum(d.nbytes for d in reply.tensors))

@@ -16,7 +16,7 @@ import torch
 from flashserve.proto import attention_pb2 as pb
 from flashserve.wire import PROTO_TO_TORCH, dtype_name, expected_nbytes
 
-from .backends.base import AttentionParams, Capabilities
+from .backends.base import AttentionParams, Capabilities, head_dim_class
 from .config import ServerConfig
 
 FORWARD_REQUIRED = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")
@@ -129,6 +129,11 @@ def _check_attention_shapes(descs, operation, caps: Capabilities, config: Server
         raise invalid(f"k: head dim {head_dim_k} differs from q's {head_dim}")
     if head_dim < 1 or head_dim > caps.max_head_dim:
         raise invalid(f"q: head dim {head_dim} is outside 1..{caps.max_head_dim}")
+    if caps.head_dim_classes and head_dim_class(head_dim) not in caps.head_dim_classes:
+        built = ", ".join(str(c) for c in caps.head_dim_classes)
+        raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
+                           f"q: head dim {head_dim} runs in the head-dim-{head_dim_class(head_dim)} kernels, which this "
+                           f"server's build does not contain (built: {built}; FLASHSERVE_HEADDIMS)")
     if heads_q < 1 or heads_k < 1:
         raise invalid(f"q/k: the number of heads must be positive (q has {heads_q}, k has {heads_k})")
     if heads_q % heads_k:

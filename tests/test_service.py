@@ -116,15 +116,15 @@ def test_chunk_sizes_follow_the_payload_both_ways(server, monkeypatch):
     sizes = {"up": [], "down": []}
 
     def recording(direction, encode):
-        def iter_encoded(header, tensors, chunk_bytes):
-            for i, frame in enumerate(encode(header, tensors, chunk_bytes)):
-                if i:  # the first frame is the header
-                    sizes[direction].append(len(frame))
-                yield frame
-        return iter_encoded
+        def encode_chunk(pieces):
+            frame = encode(pieces)
+            sizes[direction].append(len(frame))
+            return frame
+        return encode_chunk
 
-    monkeypatch.setattr(wire, "iter_encoded", recording("up", wire.iter_encoded))
-    monkeypatch.setattr(service_module, "iter_encoded", recording("down", service_module.iter_encoded))
+    # the client's chunks go through wire.iter_encoded; a reply of two or more chunks through the service's own loop
+    monkeypatch.setattr(wire, "encode_chunk", recording("up", wire.encode_chunk))
+    monkeypatch.setattr(service_module, "encode_chunk", recording("down", service_module.encode_chunk))
     MB = 1 << 20
     with flashserve.Client(server.target, timeout=300, transport="bytes") as c:
         for total_q, chunk in ((16 * MB // 1024, MB), (73728, 4 * MB)):  # q of 16 MB / 72 MB (fp32, 1 x 256)

@@ -2,6 +2,8 @@
 message naming what was wrong, and a good request right after it still succeeds."""
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 import torch
@@ -11,6 +13,7 @@ from flashserve import wire
 from flashserve.proto import attention_pb2 as pb
 from flashserve.proto import attention_pb2_grpc as pb_grpc
 from flashserve.server import BackgroundServer, ServerConfig
+from flashserve.server.backends.torch_backend import TorchBackend
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -85,6 +88,28 @@ def test_kv_dtype_differs(server):
 
 def test_head_dim_over_256(server):
     expect(server, good_tensors(dim=264), INVALID, "head dim 264")
+
+
+class PartialBuildBackend(TorchBackend):
+    """Reports the capabilities of an extension built for head-dim classes 32 and 128 only (a dev build)."""
+
+    def capabilities(self):
+        return dataclasses.replace(super().capabilities(), head_dim_classes=(32, 128))
+
+
+def test_head_dim_class_not_built():
+    """A head dim whose kernels the build lacks is UNIMPLEMENTED, named with the classes built; the others run
+    (d 100 in class 128; d 32), and GetServerInfo lists the classes."""
+    with BackgroundServer(ServerConfig(host="127.0.0.1", port=0), backend=PartialBuildBackend("cpu")) as srv:
+        with flashserve.Client(srv.target, timeout=30) as c:
+            assert list(c.server_info().head_dim_classes) == [32, 128]
+        for dim in (64, 200):
+            expect(srv, good_tensors(dim=dim), grpc.StatusCode.UNIMPLEMENTED, f"q: head dim {dim}",
+                   "built: 32, 128")
+        t = good_tensors(dim=100)
+        code, details, outs = call(srv.target, header_for(t), t)
+        assert code == grpc.StatusCode.OK, details
+        assert outs["out"].shape == (20, 4, 100)
 
 
 def test_heads_not_divisible(server):

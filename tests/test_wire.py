@@ -25,6 +25,20 @@ def test_fast_encoding_is_protobufs_encoding(chunk_bytes):
     assert all(len(pb.Frame.FromString(f).chunk) <= chunk_bytes for f in fast[1:])
 
 
+def test_large_chunks_filled_without_the_gil_match_protobuf():
+    """Chunks of >= NOGIL_ENCODE_BYTES are new bytes objects filled by numpy: the same bytes as protobuf's, a chunk
+    spanning tensor boundaries included; each call makes a fresh object (two encodings never share memory)."""
+    assert wire._NOGIL_ENCODE  # CPython: the fast path is the one in use
+    big = [torch.randn(300_000), torch.randint(0, 9, (70_001,), dtype=torch.int32), torch.randn(50_000).half()]
+    h = _header(big)
+    chunk = wire.NOGIL_ENCODE_BYTES * 2
+    slow = [f.SerializeToString() for f in wire.iter_frames(h, big, chunk)]
+    fast = list(wire.iter_encoded(h, big, chunk))
+    assert slow == fast and len(fast) > 3
+    again = list(wire.iter_encoded(h, big, chunk))
+    assert again == fast and all(a is not b for a, b in zip(again[1:], fast[1:]))
+
+
 @pytest.mark.parametrize("chunk_bytes", [7, 4096])
 def test_decoded_frames_reassemble_every_tensor(chunk_bytes):
     h = _header(TENSORS)

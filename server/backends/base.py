@@ -51,6 +51,16 @@ class Capabilities:
     max_head_dim: int
     features: tuple  # subset of FEATURES this backend implements
     backward: bool
+    head_dim_classes: tuple = ()  # kernels built for these classes (HEAD_DIM_CLASSES); (): every head dim to max
+
+
+# A head dim d runs in the kernels of the smallest class >= d (csrc/fwd/fwd_dispatch.cu, csrc/bwd/bwd_api.cu); a
+# development build of the extension may hold only some classes (FLASHSERVE_HEADDIMS).
+HEAD_DIM_CLASSES = (32, 64, 96, 128, 192, 256)
+
+
+def head_dim_class(head_dim: int) -> int:
+    return next((c for c in HEAD_DIM_CLASSES if head_dim <= c), 0)
 
 
 FEATURES = ("causal", "window", "softcap", "alibi", "dropout", "gqa", "return_softmax", "deterministic", "varlen")

@@ -70,6 +70,7 @@ class FlashBackend(Backend):
             max_head_dim=max(self._head_dims) if self._head_dims else 0,
             features=tuple(f for f in FEATURES if f in feats),
             backward=has_bwd,
+            head_dim_classes=self._head_dims,
         )
 
     def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, params: AttentionParams,

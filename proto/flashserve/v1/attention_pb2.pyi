@@ -152,7 +152,7 @@ class Limits(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "backend", "device", "dtypes", "max_head_dim", "features", "backward", "limits", "shared_memory", "residuals", "hostname")
+    __slots__ = ("version", "backend", "device", "dtypes", "max_head_dim", "features", "backward", "limits", "shared_memory", "residuals", "hostname", "head_dim_classes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class ServerInfo(_message.Message):
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     device: str
@@ -175,7 +176,8 @@ class ServerInfo(_message.Message):
     shared_memory: bool
     residuals: bool
     hostname: str
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., max_head_dim: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., backward: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., shared_memory: _Optional[bool] = ..., residuals: _Optional[bool] = ..., hostname: _Optional[str] = ...) -> None: ...
+    head_dim_classes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., max_head_dim: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., backward: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., shared_memory: _Optional[bool] = ..., residuals: _Optional[bool] = ..., hostname: _Optional[str] = ..., head_dim_classes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("residual_handles",)
