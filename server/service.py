@@ -414,7 +414,8 @@ class AttentionService(pb_grpc.AttentionServicer):
         else:  # the next chunks are encoded on helper threads while this one is sent
             yield pb.Frame(header=reply).SerializeToString()
             loop = asyncio.get_running_loop()
-            parts = chunk_pieces(tensors, chunk)
+            # the chunks' byte views are made off the loop too: torch calls release the GIL and wait to retake it
+            parts = iter(await loop.run_in_executor(self.copier, lambda: list(chunk_pieces(tensors, chunk))))
             pending = collections.deque()
 
             def refill():

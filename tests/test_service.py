@@ -137,7 +137,8 @@ def test_chunk_sizes_follow_the_payload_both_ways(server, monkeypatch):
             for direction in ("up", "down"):
                 payloads = [n - 1 - len(wire._varint(n)) for n in sizes[direction]]  # minus tag and length
                 assert max(payloads) == chunk, (direction, total_q, payloads[:3])
-                assert all(p == chunk for p in payloads[:-1])
+                # every chunk full but the last (recorded as encoded: the server's copy threads may finish out of order)
+                assert sum(p != chunk for p in payloads) <= 1, (direction, total_q, payloads)
 
 
 def _blocking_frames(header, first_chunk, release: threading.Event):
