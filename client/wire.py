@@ -349,11 +349,14 @@ def _writable_bytes(n: int) -> Tuple[bytes, np.ndarray]:
 
 
 def _check_writable_bytes() -> bool:
-    """Whether this interpreter lays bytes out as assumed (CPython); else chunks are joined."""
+    """Whether this interpreter lays bytes out as assumed (CPython); else chunks are joined. The interpreter is
+    checked first: elsewhere id() need not be an address, and the probe would write to it."""
+    if sys.implementation.name != "cpython":
+        return False
     try:
         probe, view = _writable_bytes(3)
         view[:] = (7, 8, 9)
-        return probe == b"\x07\x08\x09" and sys.implementation.name == "cpython"
+        return probe == b"\x07\x08\x09"
     except Exception:  # noqa: BLE001 - any failure: keep the plain join
         return False
 
